@@ -1,0 +1,152 @@
+"""Load a recipe: YAML files (with ``include``) + dotlist overrides, merged onto the dataclass schema.
+
+Every source is checked on its own before it is merged, so an error names the file (or the command
+line) it came from, the full dotted key, and the closest valid key::
+
+    recipes/smoke/x.yaml: unknown key 'data.resolutoin' (did you mean 'data.resolution'?)
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vtok.config.schema import Recipe
+
+INCLUDE_KEY = "include"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the key, the source and a fix."""
+
+
+def _schema_fields(cls: type) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, f in _schema_fields(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(f.type):
+            keys.extend(_all_keys(f.type, f"{prefix}{name}."))
+    return keys
+
+
+def _suggest(bad_key: str) -> str:
+    valid = _all_keys(Recipe)
+    match = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.6)
+    if not match:  # a right name in the wrong section: compare leaf names only
+        leaf = bad_key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        match = [leaves[close[0]]] if close else []
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _check_keys(node: Any, cls: type, prefix: str, source: str) -> None:
+    """Raise RecipeError for the first key of ``node`` that ``cls`` does not declare."""
+    if not isinstance(node, (dict, DictConfig)):
+        raise RecipeError(f"{source}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, "
+                          f"got {type(node).__name__}")
+    fields = _schema_fields(cls)
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise RecipeError(f"{source}: unknown key '{full}'{_suggest(full)}")
+        ftype = fields[key].type
+        if dataclasses.is_dataclass(ftype) and value is not None:
+            _check_keys(value, ftype, full + ".", source)
+
+
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise RecipeError(f"{prefix}{f.name}={value!r} is not one of "
+                              f"{', '.join(map(repr, f.metadata['choices']))}")
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, DictConfig]]:
+    """Return [(source, config)] for ``path`` and its includes, bases first."""
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path}: include cycle through {' -> '.join(map(str, seen))}")
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path} (check the path; recipes live under recipes/)")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: keep the first line only
+        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if cfg is None or isinstance(cfg, ListConfig):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+    includes = cfg.pop(INCLUDE_KEY, None)
+    if includes is None:
+        includes = []
+    elif isinstance(includes, str):
+        includes = [includes]
+    out: list[tuple[str, DictConfig]] = []
+    for inc in includes:
+        out.extend(_load_yaml(path.parent / str(inc), seen + (path,)))
+    out.append((str(path), cfg))
+    return out
+
+
+def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recipe:
+    """Resolve a recipe: schema defaults <- included files <- ``path`` <- dotlist ``overrides``.
+
+    Args:
+        path: a recipe YAML file, or None for the defaults alone.
+        overrides: ``key=value`` strings, e.g. ``["data.resolution=128"]``.
+    Returns:
+        A fully resolved, type-checked :class:`Recipe`.
+    Raises:
+        RecipeError: unknown key, wrong type, invalid choice, missing required value or file.
+    """
+    sources = _load_yaml(Path(path), ()) if path is not None else []
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"command line: override '{item}' must look like key=value "
+                              f"(e.g. data.resolution=128)")
+    if overrides:
+        try:
+            sources.append(("command line", OmegaConf.from_dotlist(overrides)))
+        except OmegaConfBaseException as e:
+            raise RecipeError(f"command line: {str(e).splitlines()[0]}") from None
+
+    merged = OmegaConf.structured(Recipe)
+    for source, cfg in sources:
+        _check_keys(cfg, Recipe, "", source)
+        try:
+            merged = OmegaConf.merge(merged, cfg)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", "") or "?"
+            raise RecipeError(f"{source}: {key}: {str(e).splitlines()[0]}") from None
+    try:
+        recipe = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or "?"
+        msg = str(e).splitlines()[0]
+        if "missing mandatory value" in msg.lower():
+            msg = f"required value is not set; give it in the recipe or as {key}=..."
+        raise RecipeError(f"{key}: {msg}") from None
+    _check_choices(recipe)
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (what ``vtok info`` prints and the run dir keeps)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
