@@ -7,6 +7,7 @@ ranks it repeats up to ``world_size - 1`` samples so every rank runs the same nu
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +32,23 @@ def open_streaming(local: str, remote: str, *, batch_size: int, seed: int, shuff
                         "point data.train_shards at the local directory instead")
     return StreamingDataset(local=local, remote=remote or None, batch_size=batch_size,
                             shuffle=shuffle, shuffle_seed=seed % (2**31), allow_unsafe_types=False)
+
+
+def mds_shard_entries(root: str | Path) -> list[dict[str, Any]]:
+    """The shard entries of an MDS dataset's ``index.json``."""
+    index = Path(root) / "index.json"
+    if not index.is_file():
+        raise DataError(f"no MDS dataset at {root} (missing index.json)")
+    return json.loads(index.read_text())["shards"]
+
+
+def read_mds_shard(root: str | Path, entry: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Rows of one MDS shard file (``entry`` from ``mds_shard_entries``), in stored order."""
+    from streaming.base.format import reader_from_json
+
+    reader = reader_from_json(str(root), None, entry)
+    for i in range(entry["samples"]):
+        yield reader.get_item(i)
 
 
 class MdsStream(torch.utils.data.IterableDataset):

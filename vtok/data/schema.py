@@ -85,11 +85,23 @@ def to_wds(sample: dict[str, Any]) -> dict[str, bytes]:
     return out
 
 
-def from_wds(members: dict[str, Any], fields: tuple[str, ...] = FIELDS) -> dict[str, Any]:
-    """{"__key__": key, extension: bytes} of one tar sample -> schema sample with the requested ``fields``.
+def wds_fields(members: dict[str, Any]) -> tuple[str, ...]:
+    """The schema fields present among one tar sample's members."""
+    present = {
+        "image": any(e in members for e in IMAGE_EXTS),
+        "cls": "cls" in members,
+        "caption": any(e in members for e in CAPTION_EXTS),
+        **{name: f"{name}.npy" in members for name in ARRAY_FIELDS},
+    }
+    return tuple(name for name in FIELDS if present[name])
 
-    Raises KeyError naming the field when a requested field is absent.
+
+def from_wds(members: dict[str, Any], fields: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """{"__key__": key, extension: bytes} of one tar sample -> schema sample.
+
+    ``fields``: the fields to extract (KeyError naming a missing one), or None for all present.
     """
+    fields = wds_fields(members) if fields is None else fields
     out: dict[str, Any] = {"__key__": members["__key__"]}
     for name in fields:
         if name == "image":
@@ -121,8 +133,9 @@ def to_mds(sample: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def from_mds(row: dict[str, Any], fields: tuple[str, ...] = FIELDS) -> dict[str, Any]:
-    """MDS row -> schema sample with the requested ``fields`` (KeyError names a missing one)."""
+def from_mds(row: dict[str, Any], fields: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """MDS row -> schema sample with the requested ``fields`` (KeyError names a missing one; None: all)."""
+    fields = tuple(f for f in FIELDS if f in row) if fields is None else fields
     out = {name: row[name] for name in ("__key__", *fields)}
     if "text_mask" in out:
         out["text_mask"] = out["text_mask"].astype(bool)

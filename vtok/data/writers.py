@@ -183,8 +183,16 @@ def finalize(out_dir: str | Path, fmt: str, prefix: str = "shard") -> int:
     return total
 
 
-def _produce_and_write(job: tuple) -> tuple[int, int, list[BadItem]]:
-    out_dir, fmt, index, prefix, produce = job
+_JOB: tuple = ()  # (out_dir, fmt, prefix, produce) of the running write_shards, set in each worker
+
+
+def _set_job(job: tuple) -> None:
+    global _JOB
+    _JOB = job
+
+
+def _produce_and_write(index: int) -> tuple[int, int, list[BadItem]]:
+    out_dir, fmt, prefix, produce = _JOB
     bad: list[BadItem] = []
 
     def good_samples():
@@ -202,8 +210,9 @@ def write_shards(out_dir: str | Path, fmt: str, num_shards: int,
                  prefix: str = "shard", desc: str = "writing shards", progress: bool = True) -> WriteSummary:
     """Write shards ``0..num_shards-1``, each from ``produce(index)``, skipping finished ones.
 
-    ``produce`` must be picklable (a module-level function or a ``functools.partial`` of one) when
-    ``workers > 1``; it yields schema samples, or :class:`BadItem` for inputs it had to skip.
+    ``produce`` yields schema samples, or :class:`BadItem` for inputs it had to skip. Worker
+    processes are forked and inherit ``produce`` (it is never pickled, so it may close over a large
+    list of inputs).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown shard format {fmt!r}; use one of {FORMATS}")
@@ -211,14 +220,15 @@ def write_shards(out_dir: str | Path, fmt: str, num_shards: int,
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(num_shards) if not (out / shard_name(fmt, i, prefix)).exists()]
     summary = WriteSummary(skipped_shards=num_shards - len(todo))
-    jobs = [(str(out), fmt, i, prefix, produce) for i in todo]
+    job = (str(out), fmt, prefix, produce)
     bar = tqdm(total=num_shards, initial=summary.skipped_shards, desc=desc, unit="shard",
                disable=not progress, dynamic_ncols=True)
-    if workers > 1 and len(jobs) > 1:
-        pool = mp.get_context("fork").Pool(min(workers, len(jobs)))
-        results = pool.imap_unordered(_produce_and_write, jobs)
+    if workers > 1 and len(todo) > 1:
+        pool = mp.get_context("fork").Pool(min(workers, len(todo)), initializer=_set_job, initargs=(job,))
+        results = pool.imap_unordered(_produce_and_write, todo)
     else:
-        pool, results = None, map(_produce_and_write, jobs)
+        _set_job(job)
+        pool, results = None, map(_produce_and_write, todo)
     try:
         for _, count, bad in results:
             summary.written_shards += 1

@@ -1,0 +1,1 @@
+"""Evaluation outputs: metrics, sample grids and reports used by ``vtok eval`` and ``vtok demo``."""
