@@ -21,7 +21,7 @@ from vtok.config.schema import DataConfig
 from vtok.data.mds import MdsStream, open_streaming
 from vtok.data.stream import META, Meta
 from vtok.data.transforms import DataError, SampleDecoder
-from vtok.data.webdataset import WdsStream, expand_shards
+from vtok.data.webdataset import WdsStream, check_enough_shards, expand_shards
 
 log = logging.getLogger("vtok.data")
 
@@ -151,7 +151,9 @@ def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, seed: i
         if cfg.remote:
             log.warning("data.remote=%r has no effect with data.format=wds; put URLs in %s",
                         cfg.remote, setting)
-        stream = WdsStream(expand_shards(spec, setting), decoder, shuffle=cfg.shuffle and train,
+        urls = expand_shards(spec, setting)
+        check_enough_shards(len(urls), world_size, cfg.num_workers)
+        stream = WdsStream(urls, decoder, shuffle=cfg.shuffle and train,
                            shuffle_buffer=cfg.shuffle_buffer, **common)
     else:
         dataset = open_streaming(spec, cfg.remote, batch_size=cfg.batch_size, seed=seed,

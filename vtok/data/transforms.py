@@ -55,6 +55,11 @@ def decode_image(data: bytes, min_side: int = 0, decoder: str = "simplejpeg") ->
     return img.convert("RGB")
 
 
+def as_tensor(arr: np.ndarray) -> torch.Tensor:
+    """numpy -> tensor sharing memory; copies only arrays that are read-only or non-contiguous."""
+    return torch.from_numpy(np.require(arr, requirements=["C", "W"]))
+
+
 @dataclass
 class ImageTransform:
     """bytes -> float tensor (3, resolution, resolution) in [-1, 1]."""
@@ -91,9 +96,8 @@ class ImageTransform:
         arr = np.asarray(img)[top:top + res, left:left + res]
         if self.hflip and rng.random() < 0.5:
             arr = arr[:, ::-1]
-        arr = np.require(arr, requirements=["C", "W"])  # copies only when needed (flip, read-only view)
         # uint8 HWC -> float CHW in [-1, 1]
-        return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        return as_tensor(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 class SampleDecoder:
@@ -116,9 +120,9 @@ class SampleDecoder:
             elif name == "cls":
                 value = int(value)
             elif name == "text_mask":
-                value = torch.from_numpy(np.asarray(value, dtype=bool))
+                value = as_tensor(np.asarray(value, dtype=bool))
             elif name in ("text_emb", "codes"):
-                value = torch.from_numpy(np.ascontiguousarray(value))
+                value = as_tensor(value)
             out[name] = value
         return out
 

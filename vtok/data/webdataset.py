@@ -61,6 +61,15 @@ def expand_shards(spec: str, setting: str = "data.train_shards") -> list[str]:
     return urls
 
 
+def check_enough_shards(num_shards: int, world_size: int, num_workers: int) -> None:
+    """Raise DataError if ``num_shards`` cannot give every (rank, worker) reader at least one shard."""
+    readers = world_size * max(1, num_workers)
+    if num_shards < readers:
+        raise DataError(f"{num_shards} shards cannot feed {world_size} ranks x {max(1, num_workers)} "
+                        f"workers = {readers} readers exactly once; lower data.num_workers or write "
+                        "more, smaller shards (data_prep/make_shards.py --samples-per-shard)")
+
+
 def _split_key(name: str) -> tuple[str, str]:
     """'dir/000123.text_emb.npy' -> ('dir/000123', 'text_emb.npy') (key ends at the basename's first dot)."""
     base = name.rsplit("/", 1)[-1]
@@ -134,12 +143,6 @@ class WdsStream(torch.utils.data.IterableDataset):
         gid, total = worker_identity(self.rank, self.world_size)
         rng = worker_rng(self.seed, self.epoch, gid)
         batcher = Batcher(from_wds, self.decoder, self.batch_size, self.channels_last, gid, rng, self.drop_last)
-        if not self.completed and len(self.urls) < total:
-            yield batcher.error(
-                f"{len(self.urls)} shards cannot feed {self.world_size} ranks x {total // self.world_size}"
-                f" workers = {total} readers exactly once; lower data.num_workers or write more, "
-                "smaller shards (data_prep/make_shards.py --samples-per-shard)")
-            return
         mine = [self.urls[i] for i in self.shards_for(gid, total)]
         yield from guarded(self._batches(mine, rng, batcher), batcher)
 

@@ -1,0 +1,163 @@
+"""Splitting, shuffling, resume and bad-data policy of the loader, for both formats."""
+import shutil
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import NUM_SAMPLES, PER_SHARD, data_recipe
+from vtok.data import DataError, build_loader
+from vtok.data.synthetic import synthetic_samples
+from vtok.data.writers import write_shards
+
+ALL_KEYS = {f"{i:08d}" for i in range(NUM_SAMPLES)}
+
+
+def keys_of(loader, max_batches=None):
+    """Keys of the batches taken from one epoch of ``loader`` (the first ``max_batches`` only)."""
+    return [k for batch in islice(loader, max_batches) for k in batch["__key__"]]
+
+
+def test_wds_two_ranks_two_workers_exactly_once_and_reshuffled(shards):
+    recipe = data_recipe("wds", shards["wds"], "data.num_workers=2", "data.shuffle_buffer=16")
+    loaders = [build_loader(recipe.data, rank=r, world_size=2, seed=3) for r in range(2)]
+    epochs = []
+    for _ in range(2):
+        keys = [k for loader in loaders for k in keys_of(loader)]
+        assert Counter(keys).most_common(1)[0][1] == 1
+        assert set(keys) == ALL_KEYS
+        epochs.append(keys)
+    assert epochs[0] != epochs[1], "epoch 1 must be shuffled differently from epoch 0"
+    fresh = [build_loader(recipe.data, rank=r, world_size=2, seed=3) for r in range(2)]
+    assert [k for loader in fresh for k in keys_of(loader)] == epochs[0], "same seed+epoch, same order"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mds_exactly_once(shards, workers):
+    recipe = data_recipe("mds", shards["mds"], f"data.num_workers={workers}")
+    keys = keys_of(build_loader(recipe.data, seed=1))
+    assert len(keys) == NUM_SAMPLES and set(keys) == ALL_KEYS
+
+
+def test_wds_resume_restarts_at_shard_boundary(shards):
+    recipe = data_recipe("wds", shards["wds"], "data.num_workers=2", "data.shuffle_buffer=8")
+    first = build_loader(recipe.data, seed=5)
+    head = keys_of(first, max_batches=13)  # 104 samples: some shards done, some partly read
+    state = first.state_dict()
+    done = set(state["completed_shards"])
+    assert state["epoch"] == 0 and 0 < len(done) < NUM_SAMPLES // PER_SHARD
+    done_keys = {f"{i:08d}" for s in done for i in range(s * PER_SHARD, (s + 1) * PER_SHARD)}
+    assert done_keys <= set(head)
+
+    # Resume with a different worker layout: shard-granular state does not depend on it.
+    resumed = build_loader(data_recipe("wds", shards["wds"], "data.num_workers=1").data, seed=5)
+    resumed.load_state_dict(state)
+    tail = keys_of(resumed)
+    assert set(head) | set(tail) == ALL_KEYS, "no gap"
+    assert not done_keys & set(tail), "finished shards are not read again"
+    assert Counter(tail).most_common(1)[0][1] == 1
+    assert set(head) & set(tail) == set(head) - done_keys, "only partly read shards repeat"
+    assert resumed.epoch == 1 and resumed.state_dict()["completed_shards"] == []
+
+
+def test_mds_resume_mid_epoch_is_exact(shards):
+    recipe = data_recipe("mds", shards["mds"], "data.num_workers=2")
+    full = keys_of(build_loader(recipe.data, seed=2))
+    first = build_loader(recipe.data, seed=2)
+    head = keys_of(first, max_batches=11)
+    state = first.state_dict()
+    assert state["streaming"]["sample_in_epoch"] == 88
+    resumed = build_loader(recipe.data, seed=2)
+    resumed.load_state_dict(state)
+    tail = keys_of(resumed)
+    assert head + tail == full, "no repeat, no gap, same order as an uninterrupted epoch"
+
+
+def test_too_few_shards_for_readers_is_an_error(shards):
+    recipe = data_recipe("wds", shards["wds"], "data.num_workers=7")
+    with pytest.raises(DataError, match=r"12 shards cannot feed 2 ranks x 7 workers = 14 readers"):
+        build_loader(recipe.data, rank=0, world_size=2)
+
+
+def test_missing_shard_names_the_file(shards, tmp_path):
+    spec = f"{shards['wds']}/shard-{{000000..000013}}.tar"
+    with pytest.raises(DataError, match=r"shard not found: .*shard-000012.tar .*make_shards"):
+        build_loader(data_recipe("wds", spec).data)
+    with pytest.raises(DataError, match=r"no MDS dataset at .*index.json"):
+        build_loader(data_recipe("mds", str(tmp_path)).data)
+
+
+def _corrupt_dataset(root: Path) -> Path:
+    """4 shards x 10 samples; sample 3 has a corrupt JPEG; shard 2 is truncated mid-file."""
+    def produce(i):
+        for s in synthetic_samples(i * 10, 10, resolution=32):
+            if s["__key__"] == "00000003":
+                s["image"] = s["image"][:200] + b"\x00" * 50  # valid header, garbage body
+            yield s
+
+    write_shards(root, "wds", 4, produce, progress=False)
+    tar = root / "shard-000002.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    return root
+
+
+def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path):
+    root = _corrupt_dataset(tmp_path / "bad")
+    loader = build_loader(data_recipe("wds", str(root), "data.max_bad_fraction=0.2").data)
+    keys = keys_of(loader)
+    assert "00000003" not in keys
+    intact = {f"{i:08d}" for i in [*range(20), *range(30, 40)] if i != 3}  # shards 0, 1, 3
+    assert intact <= set(keys)
+    assert 29 < len(keys) < 39  # plus the samples of shard 2 before the truncation
+    assert loader.stats.bad == 2  # one sample + one shard
+    assert loader.stats.seen == len(keys) + 2
+
+
+def test_bad_fraction_threshold_stops_the_run(tmp_path):
+    root = _corrupt_dataset(tmp_path / "bad")
+    loader = build_loader(data_recipe("wds", str(root), "data.max_bad_fraction=0.01").data)
+    with pytest.raises(DataError, match=r"2 of \d+ samples/shards were bad .*data.max_bad_fraction=0.01"):
+        keys_of(loader)
+
+
+def test_mds_corrupt_image_is_skipped(tmp_path):
+    def produce(i):
+        for s in synthetic_samples(0, 12, resolution=32):
+            if s["__key__"] == "00000005":
+                s["image"] = b"\xff\xd8\xff" + b"\x01" * 100
+            yield s
+
+    write_shards(tmp_path, "mds", 1, produce, progress=False)
+    loader = build_loader(data_recipe("mds", str(tmp_path), "data.max_bad_fraction=0.5").data)
+    keys = keys_of(loader)
+    assert len(keys) == 11 and "00000005" not in keys and loader.stats.bad == 1
+
+
+def test_small_image_policies(shards):
+    with pytest.raises(DataError) as e:
+        keys_of(build_loader(data_recipe("wds", shards["wds"], "data.resolution=64").data))
+    msg = str(e.value)
+    assert "\n" not in msg and "key 0000" in msg and "shard-0000" in msg
+    assert "32x32, smaller than data.resolution=64" in msg and "data.small_images=upscale" in msg
+    up = build_loader(data_recipe("wds", shards["wds"], "data.resolution=64",
+                                  "data.small_images=upscale").data)
+    batch = next(iter(up))
+    assert batch["image"].shape[1:] == (3, 64, 64)
+
+
+def test_augmentation_is_deterministic_and_channels_last(shards):
+    overrides = ("data.crop=random", "data.hflip=true", "data.channels_last=true", "data.resolution=24")
+    a = next(iter(build_loader(data_recipe("wds", shards["wds"], *overrides).data, seed=9)))
+    b = next(iter(build_loader(data_recipe("wds", shards["wds"], *overrides).data, seed=9)))
+    assert a["__key__"] == b["__key__"] and torch.equal(a["image"], b["image"])
+    assert a["image"].shape == (8, 3, 24, 24)
+    assert a["image"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_state_for_the_wrong_format_is_rejected(shards):
+    wds = build_loader(data_recipe("wds", shards["wds"]).data)
+    mds = build_loader(data_recipe("mds", shards["mds"]).data)
+    with pytest.raises(DataError, match="loader state is for format 'wds'"):
+        mds.load_state_dict(wds.state_dict())
