@@ -161,3 +161,15 @@ def test_state_for_the_wrong_format_is_rejected(shards):
     mds = build_loader(data_recipe("mds", shards["mds"]).data)
     with pytest.raises(DataError, match="loader state is for format 'wds'"):
         mds.load_state_dict(wds.state_dict())
+
+
+def test_augmentation_depends_on_sample_not_on_worker_layout(shards):
+    """Per-sample RNG: any worker count (and a resume) gives each key the same crop and flip."""
+    overrides = ("data.crop=random", "data.hflip=true", "data.resolution=20", "data.shuffle=false")
+    images = []
+    for workers in (0, 2):
+        loader = build_loader(data_recipe("wds", shards["wds"], f"data.num_workers={workers}",
+                                          *overrides).data, seed=4)
+        images.append({k: img for b in loader for k, img in zip(b["__key__"], b["image"])})
+    assert images[0].keys() == images[1].keys() == ALL_KEYS
+    assert all(torch.equal(images[0][k], images[1][k]) for k in ALL_KEYS)

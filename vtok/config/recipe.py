@@ -43,7 +43,10 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _suggest(bad_key: str) -> str:
+def _suggest(bad_key: str, prefix: str, cls: type) -> str:
+    local = difflib.get_close_matches(bad_key[len(prefix):], list(_schema_fields(cls)), n=1, cutoff=0.6)
+    if local:  # a typo within the right section
+        return f" (did you mean '{prefix}{local[0]}'?)"
     valid = _all_keys(Recipe)
     match = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.6)
     if not match:  # a right name in the wrong section: compare leaf names only
@@ -63,10 +66,15 @@ def _check_keys(node: Any, cls: type, prefix: str, source: str) -> None:
     for key, value in node.items():
         full = f"{prefix}{key}"
         if key not in fields:
-            raise RecipeError(f"{source}: unknown key '{full}'{_suggest(full)}")
+            raise RecipeError(f"{source}: unknown key '{full}'{_suggest(full, prefix, cls)}")
         ftype = fields[key].type
         if dataclasses.is_dataclass(ftype) and value is not None:
             _check_keys(value, ftype, full + ".", source)
+        elif typing.get_origin(ftype) is dict and isinstance(value, (dict, DictConfig)):
+            item_type = typing.get_args(ftype)[1]
+            if dataclasses.is_dataclass(item_type):  # e.g. train.optim.<name>.lr
+                for name, item in value.items():
+                    _check_keys(item, item_type, f"{full}.{name}.", source)
 
 
 def _check_choices(obj: Any, prefix: str = "") -> None:
@@ -74,6 +82,10 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             _check_choices(value, f"{prefix}{f.name}.")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if dataclasses.is_dataclass(item):
+                    _check_choices(item, f"{prefix}{f.name}.{name}.")
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
             raise RecipeError(f"{prefix}{f.name}={value!r} is not one of "
                               f"{', '.join(map(repr, f.metadata['choices']))}")

@@ -6,6 +6,7 @@ Required fields have the omegaconf ``MISSING`` default (``???``) and fail loudly
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -42,10 +43,92 @@ class DataConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW + schedule for one optimizer (a GAN has ``generator`` and ``discriminator``)."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.05  # never applied to norms, biases and embeddings
+    schedule: str = choice("cosine", "constant")
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    start_step: int = 0  # the optimizer steps only from this step on (e.g. a GAN discriminator)
+
+
+@dataclass
+class EmaConfig:
+    decay: float = 0.0  # 0 disables EMA
+    modules: list[str] = field(default_factory=list)  # task module names; empty = all trained modules
+    every_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (vtok/train/trainer.py)."""
+
+    task: str = ""  # registered TrainTask name (vtok/train/task.py), e.g. "fqgan"
+    steps: int = 1000
+    global_batch_size: int = 0  # 0: data.batch_size x world size (no accumulation)
+    grad_clip: float = 1.0  # max global grad norm per optimizer; 0 disables
+    precision: str = choice("fp32", "bf16", doc="bf16 autocast with fp32 master weights")
+    # One entry per optimizer the task declares (missing ones get the defaults), e.g. train.optim.main.lr
+    optim: dict[str, OptimConfig] = field(default_factory=dict)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    compile: bool = False  # torch.compile each trained module
+    activation_checkpointing: bool = False
+    max_bad_steps: int = 10  # consecutive NaN/inf losses before the run stops
+    log_every: int = 10
+    eval_every: int = 0  # 0 disables the task's eval hook
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = look up known GPUs, else MFU is not reported
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    torch_adam: bool = True  # torch's Adam: no fused-kernel compile (CPU runs, quick starts)
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = choice("ddp", "fsdp2", "deepspeed")
+    fsdp_reshard_after_forward: bool = True
+    fsdp_cpu_offload: bool = False
+    fsdp_param_dtype: str = choice("fp32", "bf16", doc="FSDP2 MixedPrecisionPolicy param dtype")
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    backend: str = choice("auto", "gloo", "nccl")
+
+
+@dataclass
+class CkptConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    dir: str = ""  # default: <run_dir>/checkpoints
+    resume: str = ""  # a checkpoint dir; default: <dir>/latest when it exists
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True  # rank-0 progress bar
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "vtok"
+    wandb_mode: str = choice("offline", "online")
+
+
+@dataclass
 class Recipe:
-    """A whole run. Later sections (model, train, parallel, ...) are added by their subsystems."""
+    """A whole run. Model sections are added by the model families."""
 
     name: str = "run"
     seed: int = 0
     run_dir: str = "runs/${name}"
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # The task's own settings (model size, loss weights), checked against its Config dataclass.
+    model: dict[str, Any] = field(default_factory=dict)

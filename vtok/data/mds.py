@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from vtok.data.schema import from_mds
-from vtok.data.stream import Batcher, guarded, worker_identity, worker_rng
+from vtok.data.stream import Batcher, guarded, worker_identity
 from vtok.data.transforms import DataError, SampleDecoder
 
 
@@ -68,8 +68,8 @@ class MdsStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         gid, _ = worker_identity(self.rank, self.world_size)
-        batcher = Batcher(from_mds, self.decoder, self.batch_size, self.channels_last, gid,
-                          worker_rng(self.seed, self.epoch, gid), self.drop_last)
+        batcher = Batcher(from_mds, self.decoder, self.batch_size, self.channels_last, gid, self.seed,
+                          self.epoch, self.drop_last)
         yield from guarded(self._batches(batcher), batcher)
 
     def _batches(self, batcher: Batcher) -> Iterator[dict[str, Any]]:

@@ -47,8 +47,14 @@ def worker_identity(rank: int, world_size: int) -> tuple[int, int]:
 
 
 def worker_rng(seed: int, epoch: int, worker: int) -> random.Random:
-    """Deterministic RNG for one worker in one epoch (crops, flips, shuffle buffer)."""
+    """Deterministic RNG for one worker in one epoch (the WebDataset shuffle buffer)."""
     return random.Random(f"vtok-{seed}-{epoch}-{worker}")
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """RNG for one sample's augmentation: the same crop/flip whatever worker reads it, and after a
+    resume, so a resumed run sees exactly the pixels an uninterrupted one would."""
+    return random.Random(f"vtok-{seed}-{epoch}-{key}")
 
 
 class Batcher:
@@ -60,10 +66,10 @@ class Batcher:
 
     def __init__(self, convert: Callable[[Any, tuple[str, ...]], dict[str, Any]],
                  decoder: SampleDecoder, batch_size: int, channels_last: bool, worker: int,
-                 rng: random.Random, drop_last: bool = False):
+                 seed: int, epoch: int, drop_last: bool = False):
         self.convert = convert
         self.decoder, self.batch_size, self.channels_last = decoder, batch_size, channels_last
-        self.rng, self.drop_last = rng, drop_last
+        self.seed, self.epoch, self.drop_last = seed, epoch, drop_last
         self.meta = Meta(worker=worker)
         self._buf: list[dict[str, Any]] = []
         self._rows = 0
@@ -82,7 +88,8 @@ class Batcher:
     def add(self, raw: dict[str, Any], where: str) -> Iterator[dict[str, Any]]:
         """Convert and decode ``raw`` into the pending batch; yields a batch when one is full."""
         try:
-            self._buf.append(self.decoder(self.convert(raw, self.decoder.fields), self.rng, where))
+            rng = sample_rng(self.seed, self.epoch, raw["__key__"])
+            self._buf.append(self.decoder(self.convert(raw, self.decoder.fields), rng, where))
             self.meta.seen += 1
             self._rows += 1
         except BadSample as e:

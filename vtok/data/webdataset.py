@@ -142,7 +142,8 @@ class WdsStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         gid, total = worker_identity(self.rank, self.world_size)
         rng = worker_rng(self.seed, self.epoch, gid)
-        batcher = Batcher(from_wds, self.decoder, self.batch_size, self.channels_last, gid, rng, self.drop_last)
+        batcher = Batcher(from_wds, self.decoder, self.batch_size, self.channels_last, gid, self.seed,
+                          self.epoch, self.drop_last)
         mine = [self.urls[i] for i in self.shards_for(gid, total)]
         yield from guarded(self._batches(mine, rng, batcher), batcher)
 
