@@ -2,6 +2,8 @@
 
     vtok demo [--out DIR]                       synthetic shards -> loader -> counts, throughput, grid
     vtok info RECIPE [key=value ...]            print the resolved recipe
+    vtok train RECIPE [key=value ...]           train (resumes from the run dir's latest checkpoint)
+    vtok export RECIPE --out DIR                model.safetensors + config.json for inference
     vtok data synthetic OUT [--format mds]      write the built-in shapes dataset
     vtok data inspect PATH                      shard count, sample count, fields of the first sample
 
@@ -23,8 +25,45 @@ from vtok.data.transforms import DataError
 USER_ERRORS = (RecipeError, DataError, SchemaError, FileNotFoundError)
 
 
+def _training_errors() -> tuple[type[Exception], ...]:
+    from vtok.train import TrainingError
+
+    return (TrainingError,)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
-    print(recipe_to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.get:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.select(OmegaConf.structured(recipe), args.get))
+    else:
+        print(recipe_to_yaml(recipe), end="")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from vtok.train import Trainer
+
+    trainer = Trainer(load_recipe(args.recipe, args.overrides))
+    result = trainer.fit(resume=args.resume)
+    if trainer.info.is_main:
+        print(f"vtok train: {result['status']} at step {result['step']}; run dir {trainer.run_dir}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from vtok.train import Trainer
+
+    recipe = load_recipe(args.recipe, [*args.overrides, "log.progress=false", "log.tensorboard=false"])
+    trainer = Trainer(recipe)
+    from vtok.train.checkpoint import resolve_resume
+
+    path = resolve_resume(trainer.ckpt, args.resume)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint under {trainer.ckpt.dir}; train first or pass --resume")
+    trainer.load(path)
+    written = trainer.export(args.out, use_ema=args.ema)
+    if trainer.info.is_main:
+        print(f"vtok export: step {trainer.step} -> {', '.join(map(str, written))} + config.json")
 
 
 def cmd_synthetic(args: argparse.Namespace) -> None:
@@ -96,7 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a recipe resolved with its includes and overrides")
     info.add_argument("recipe", help="recipe YAML, e.g. recipes/smoke/shapes_data.yaml")
     info.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.resolution=128")
+    info.add_argument("--get", metavar="KEY", help="print one resolved value, e.g. --get run_dir")
     info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser("train", help="train a recipe (resumes from its run dir by itself)")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.steps=1000")
+    train.add_argument("--resume", default="", help="a checkpoint dir (default: <run_dir>/checkpoints/latest)")
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="write model.safetensors + config.json from a checkpoint")
+    export.add_argument("recipe")
+    export.add_argument("overrides", nargs="*")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--resume", default="", help="checkpoint dir (default: the latest)")
+    export.add_argument("--ema", action="store_true", help="export the EMA weights")
+    export.set_defaults(func=cmd_export)
 
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command",
                                                                             required=True)
@@ -123,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("streaming").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         args.func(args)
-    except USER_ERRORS as e:
+    except USER_ERRORS + (_training_errors() if args.command in ("train", "export") else ()) as e:
         print(f"vtok: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -159,6 +159,21 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recip
     return recipe
 
 
+def load_section(cls: type, values: dict[str, Any], prefix: str, source: str = "recipe"):
+    """``values`` merged onto dataclass ``cls`` with the same strict checks as a recipe.
+
+    Used for sections whose schema depends on another setting, e.g. ``model`` (the task's Config).
+    """
+    _check_keys(values, cls, prefix, source)
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or "?"
+        raise RecipeError(f"{source}: {prefix}{key}: {str(e).splitlines()[0]}") from None
+    _check_choices(obj, prefix)
+    return obj
+
+
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML (what ``vtok info`` prints and the run dir keeps)."""
     return OmegaConf.to_yaml(OmegaConf.structured(recipe))

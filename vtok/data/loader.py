@@ -112,12 +112,26 @@ class ShardLoader:
                             "warnings for the keys, fix or drop those shards, or raise the limit")
 
     def state_dict(self) -> dict[str, Any]:
-        """Position to resume from. Save it on every rank (each rank has its own for wds)."""
+        """This rank's position; save it on every rank and resume with ``merge_rank_states``."""
         if isinstance(self.stream, WdsStream):
             return {"format": "wds", "epoch": self.epoch, "completed_shards": sorted(self._completed)}
         ds = self.stream.dataset
         return {"format": "mds", "epoch": self.epoch,
                 "streaming": ds.state_dict(self._rows * self.world_size, from_beginning=False)}
+
+    @staticmethod
+    def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """One resume position from every rank's ``state_dict()`` (any saving world size).
+
+        WebDataset: all ranks must skip the same shards, so the completed sets of the ranks in the
+        earliest epoch are united (a rank already in the next epoch re-reads its share of it).
+        MDS: streaming's position is global; rank 0's is used.
+        """
+        if states[0]["format"] == "mds":
+            return states[0]
+        epoch = min(s["epoch"] for s in states)
+        done = sorted({i for s in states if s["epoch"] == epoch for i in s["completed_shards"]})
+        return {"format": "wds", "epoch": epoch, "completed_shards": done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state``; the next ``iter()`` continues that epoch."""

@@ -28,9 +28,20 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistInfo:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: int = 30,
+                     require_group: bool = False) -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...); a plain
-    ``python`` run is a world of one. ``backend="auto"`` picks nccl with CUDA, gloo otherwise."""
+    ``python`` run is a world of one. ``backend="auto"`` picks nccl with CUDA, gloo otherwise.
+    ``require_group``: create a one-process group when not launched by torchrun (FSDP2 and DeepSpeed
+    need a process group even alone)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -40,7 +51,10 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistIn
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if world == 1 and require_group and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    if (world > 1 or require_group) and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),

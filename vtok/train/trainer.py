@@ -1,0 +1,295 @@
+"""The one training loop, for every recipe: load checkpoint, loop ``train_step``, log, save, eval.
+
+    trainer = Trainer(recipe)            # builds the task, strategy, data, checkpoints, logs
+    result = trainer.fit()               # resumes from <run_dir>/checkpoints/latest by itself
+
+Per step: ``grad_accum`` micro-batches are fetched once; then each optimizer phase (in the task's
+order) runs forward + backward over them and takes one optimizer step. A non-finite loss on any rank
+skips that phase's step on every rank; ``train.max_bad_steps`` of them in a row stop the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import os
+import resource
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from vtok.config import Recipe, RecipeError, recipe_to_yaml
+from vtok.config.schema import OptimConfig
+from vtok.parallel.dist import all_mean, any_rank, barrier, init_distributed
+from vtok.parallel.strategy import build_strategy, extra_state
+from vtok.train.checkpoint import CheckpointManager, resolve_resume
+from vtok.train.ema import EMA
+from vtok.train.metrics import MetricLogger
+from vtok.train.optim import lr_at, set_lr
+from vtok.train.preemption import PreemptionWatcher
+from vtok.train.task import TrainTask, build_task
+
+log = logging.getLogger("vtok.train")
+
+COMPLETE = "COMPLETE"  # written to the run dir when all steps are done (Slurm scripts read it)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+def device_peak_tflops(device: torch.device, override: float) -> float:
+    """Dense bf16 peak of one device for MFU: ``override`` or a known GPU name; 0 if unknown."""
+    if override or device.type != "cuda":
+        return override
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+class Batches:
+    """Endless micro-batches from a loader, epoch after epoch, moved to the device."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+        self._it: Iterator | None = None
+
+    def next(self) -> dict[str, Any]:
+        for _ in range(2):  # at most one epoch boundary per call
+            if self._it is None:
+                self._it = iter(self.loader)
+            batch = next(self._it, None)
+            if batch is not None:
+                return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                        for k, v in batch.items()}
+            self._it = None
+        raise RuntimeError("the data loader yielded no batch in a whole epoch")
+
+
+class Trainer:
+    """Runs one recipe. ``task`` and ``loader`` default to what the recipe names."""
+
+    def __init__(self, recipe: Recipe, task: TrainTask | None = None, loader: Iterable | None = None):
+        self.recipe, tc = recipe, recipe.train
+        self.info = init_distributed(recipe.parallel.backend,
+                                     require_group=recipe.parallel.strategy in ("fsdp2", "deepspeed"))
+        torch.manual_seed(recipe.seed)  # identical initial weights on every rank
+        self.task = task or build_task(recipe)
+        world, micro = self.info.world_size, recipe.data.batch_size
+        global_batch = tc.global_batch_size or micro * world
+        if global_batch % (micro * world):
+            raise RecipeError(f"train.global_batch_size={global_batch} is not a multiple of "
+                              f"data.batch_size x ranks = {micro} x {world}; adjust one of them")
+        self.grad_accum = global_batch // (micro * world)
+        self.optim_cfgs = self._optim_configs()
+        self.strategy = build_strategy(recipe.parallel, self.info, tc.precision)
+        self.strategy.setup(self.task, self.optim_cfgs, micro_batch_size=micro, grad_accum=self.grad_accum,
+                            grad_clip=tc.grad_clip, compile=tc.compile,
+                            activation_checkpointing=tc.activation_checkpointing)
+        torch.manual_seed(recipe.seed + self.info.rank)  # per-rank streams (dropout, noise)
+        self.ema = self._build_ema()
+        if loader is None:
+            from vtok.data import build_loader
+
+            loader = build_loader(recipe.data, rank=self.info.rank, world_size=world, seed=recipe.seed)
+        self.loader = loader
+        self.run_dir = Path(recipe.run_dir)
+        self.ckpt = CheckpointManager(recipe.ckpt.dir or self.run_dir / "checkpoints",
+                                      recipe.ckpt.keep_last, self.info)
+        self.step = 0
+
+    def _optim_configs(self) -> dict[str, OptimConfig]:
+        declared, given = list(self.task.optimizers), self.recipe.train.optim
+        for name in given:
+            if name not in declared:
+                close = difflib.get_close_matches(name, declared, n=1)
+                hint = f"; did you mean 'train.optim.{close[0]}'?" if close else ""
+                raise RecipeError(f"train.optim.{name}: task '{self.recipe.train.task}' has no optimizer "
+                                  f"'{name}' (it has {declared}){hint}")
+        return {name: given.get(name, OptimConfig()) for name in declared}
+
+    def _build_ema(self) -> dict[str, EMA]:
+        cfg = self.recipe.train.ema
+        if cfg.decay <= 0:
+            return {}
+        if self.recipe.parallel.strategy == "deepspeed" and self.recipe.parallel.deepspeed.zero_stage == 3:
+            raise RecipeError("train.ema with DeepSpeed ZeRO-3 is not supported (parameters are "
+                              "partitioned); use zero_stage 1/2 or parallel.strategy=fsdp2")
+        names = cfg.modules or list(self.task.ema_modules) or list(self.strategy.raw)
+        return {n: EMA(self.strategy.raw[n], cfg.decay) for n in names}
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"step": self.step, "loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}}
+        meta = {"strategy": self.strategy.name, "recipe": self.recipe.name, "git_commit": git_commit(),
+                "grad_accum": self.grad_accum}
+        return self.ckpt.save(self.step, self.strategy, extra_state(self.ema), state, meta)
+
+    def load(self, path: Path) -> None:
+        meta, states = self.ckpt.load(path, self.strategy, extra_state(self.ema))
+        self.step = int(meta["step"])
+        if hasattr(self.loader, "merge_rank_states"):  # vtok loaders: one position for all ranks
+            self.loader.load_state_dict(self.loader.merge_rank_states([s["loader"] for s in states]))
+        elif hasattr(self.loader, "load_state_dict"):
+            same_world = meta["world_size"] == self.info.world_size
+            self.loader.load_state_dict(states[self.info.rank if same_world else 0]["loader"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self, resume: str = "") -> dict[str, Any]:
+        """Train to ``train.steps``; returns {"step", "status": "complete" | "preempted", "last"}."""
+        tc = self.recipe.train
+        path = resolve_resume(self.ckpt, resume or self.recipe.ckpt.resume)
+        if path is not None:
+            self.load(path)
+        self._write_run_info()
+        logger = MetricLogger(self.run_dir, self.recipe.log, enabled=self.info.is_main,
+                              total_steps=tc.steps, start_step=self.step, run_name=self.recipe.name,
+                              config=json.loads(json.dumps(asdict(self.recipe), default=str)))
+        watcher, batches = PreemptionWatcher(), Batches(self.loader, self.info.device)
+        peak = device_peak_tflops(self.info.device, tc.peak_tflops)
+        bad_in_a_row, last, status = 0, {}, "complete"
+        try:
+            while self.step < tc.steps:
+                t0 = time.perf_counter()
+                micro = [batches.next() for _ in range(self.grad_accum)]
+                t_data = time.perf_counter() - t0
+                metrics, bad = self.train_step(micro)
+                self.step += 1
+                bad_in_a_row = bad_in_a_row + 1 if bad else 0
+                if bad_in_a_row >= tc.max_bad_steps:
+                    raise TrainingError(
+                        f"{bad_in_a_row} steps in a row had a non-finite loss (last at step {self.step}); "
+                        f"the last good checkpoint is {self.ckpt.latest()}; lower the learning rate or "
+                        "check the data, then resume from it")
+                for ema in self.ema.values() if self.step % tc.ema.every_steps == 0 else ():
+                    ema.update(self.strategy.raw[self._ema_name(ema)])
+                logger.advance()
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    seconds = time.perf_counter() - t0
+                    samples = sum(self.task.batch_size(b) for b in micro) * self.info.world_size
+                    last = self._throughput(metrics, samples, seconds, t_data, peak)
+                    last = all_mean(last)
+                    last["bad_steps_in_a_row"] = bad_in_a_row
+                    logger.log(self.step, last)
+                if tc.eval_every and self.step % tc.eval_every == 0:
+                    logger.log(self.step, {f"eval/{k}": v for k, v in
+                                           self.task.evaluate(self.step, str(self.run_dir)).items()})
+                if self.step % self.recipe.ckpt.every_steps == 0 and self.step < tc.steps:
+                    self.save()
+                if watcher.should_stop():
+                    status = "preempted"
+                    break
+            self.save()
+            if status == "complete" and self.info.is_main:
+                (self.run_dir / COMPLETE).write_text(str(self.step))
+            barrier()
+        finally:
+            watcher.close()
+            logger.close()
+        return {"step": self.step, "status": status, "last": last}
+
+    def _ema_name(self, ema: EMA) -> str:
+        return next(n for n, e in self.ema.items() if e is ema)
+
+    def train_step(self, micro: list[dict[str, Any]]) -> tuple[dict[str, float], bool]:
+        """All optimizer phases on one global batch; returns (metrics, whether a phase was skipped)."""
+        metrics: dict[str, float] = {}
+        any_bad = False
+        for phase, cfg in self.optim_cfgs.items():
+            if self.step < cfg.start_step:
+                continue
+            lr = lr_at(cfg, self.step, self.recipe.train.steps)
+            set_lr(self.strategy.optimizer(phase), lr)
+            self.strategy.begin_phase(phase)
+            sums: dict[str, float] = {}
+            bad = False
+            for i, batch in enumerate(micro):
+                last = i == len(micro) - 1
+                if not bad:
+                    with self.strategy.micro_batch(phase, last):
+                        loss, extra = self.task.loss(phase, batch, self.step)
+                    bad = any_rank(not bool(torch.isfinite(loss).all()))
+                if bad:
+                    self.strategy.skip_micro_batch(phase, last, self.grad_accum)
+                    continue
+                self.strategy.backward(loss, phase, last, self.grad_accum)
+                for k, v in {"loss": loss, **extra}.items():
+                    value = v.detach() if torch.is_tensor(v) else v
+                    sums[k] = sums.get(k, 0.0) + float(value) / len(micro)
+            norm = self.strategy.step(phase, self.recipe.train.grad_clip, skip=bad)
+            self.strategy.end_phase(phase)
+            any_bad = any_bad or bad
+            metrics.update({f"{phase}/{k}": v for k, v in sums.items()})
+            metrics.update({f"{phase}/lr": lr, f"{phase}/grad_norm": norm, f"{phase}/skipped": float(bad)})
+        return metrics, any_bad
+
+    def _throughput(self, metrics: dict[str, float], samples: int, seconds: float, t_data: float,
+                    peak_tflops: float) -> dict[str, float]:
+        out = dict(metrics)
+        out["samples_per_s"] = samples / seconds
+        out["step_time_s"] = seconds
+        out["data_time_s"] = t_data
+        tokens = self.task.tokens_per_sample()
+        if tokens:
+            out["tokens_per_s"] = out["samples_per_s"] * tokens
+        flops = self.task.flops_per_sample()
+        if flops and peak_tflops:
+            out["mfu"] = flops * out["samples_per_s"] / (peak_tflops * 1e12 * self.info.world_size)
+        out["peak_memory_mb"] = peak_memory_mb(self.info.device)
+        return out
+
+    def _write_run_info(self) -> None:
+        if not self.info.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(recipe_to_yaml(self.recipe))
+        info = {"git_commit": git_commit(), "world_size": self.info.world_size,
+                "strategy": self.strategy.name, "grad_accum": self.grad_accum,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "started_at": time.time()}
+        (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+
+    def export(self, out_dir: str | Path, use_ema: bool = False) -> list[Path]:
+        """Write ``<module>.safetensors`` + ``config.json`` for inference (call on every rank)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        written = []
+        for name in self.strategy.raw:
+            if use_ema and name in self.ema:
+                state = {k: v.detach().float().cpu() for k, v in self.ema[name].state_dict().items()}
+                full = self.strategy.export_state_dict(name)
+                state = {**full, **{k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}}
+            else:
+                state = self.strategy.export_state_dict(name)
+            if self.info.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                path = out / ("model.safetensors" if len(self.strategy.raw) == 1 else f"{name}.safetensors")
+                save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+                written.append(path)
+        if self.info.is_main:
+            config = {"recipe": self.recipe.name, "task": self.recipe.train.task, "step": self.step,
+                      "model": dict(self.recipe.model), "ema": use_ema, **self.task.export_config()}
+            (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        barrier()
+        return written
