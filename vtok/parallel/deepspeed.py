@@ -65,9 +65,20 @@ class DeepSpeedStrategy(Strategy):
         for frozen in getattr(task, "frozen", {}).values():
             frozen.to(self.info.device).eval().requires_grad_(False)
         task.modules = dict(self.wrapped)
+        self.task = task
 
     def begin_phase(self, name: str) -> None:
-        self._set_trainable(set(self.phases[name]))  # the engine owns zeroing its gradients
+        """Freeze other phases' modules and let the task call them *unwrapped*: an engine whose
+        outputs receive gradients runs its backward epilogue (gradient reduction) even when its
+        own parameters are frozen, which breaks its accumulation state. The engine owns zeroing."""
+        mine = set(self.phases[name])
+        self._set_trainable(mine)
+        for m in self.raw:
+            self.task.modules[m] = self.wrapped[m] if m in mine else self.raw[m]
+
+    def end_phase(self, name: str) -> None:
+        super().end_phase(name)
+        self.task.modules.update(self.wrapped)
 
     @contextlib.contextmanager
     def micro_batch(self, name: str, last: bool):

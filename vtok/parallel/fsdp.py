@@ -36,6 +36,11 @@ class FSDP2Strategy(Strategy):
         fully_shard(module, **kwargs)
         return module
 
+    def _set_trainable(self, modules: set[str]) -> None:
+        """No-op: FSDP2 builds each unsharded parameter once, so flipping ``requires_grad`` on the
+        sharded one would not stop gradients. Other phases' modules get (reduce-scattered) grads,
+        which ``begin_phase`` of their own phase zeroes before use."""
+
     @contextlib.contextmanager
     def micro_batch(self, name: str, last: bool) -> Iterator[None]:
         for m in self.phases[name]:  # reduce-scatter grads only on the last micro-batch
