@@ -32,3 +32,71 @@ def data_recipe(fmt: str, path: str, *overrides: str):
 @pytest.fixture(autouse=True)
 def _quiet_streaming():
     logging.getLogger("streaming").setLevel(logging.WARNING)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+ENTRY = ROOT / "tests" / "train_entry.py"
+
+
+def write_train_recipe(path, shards_dir: str, task: str, run_dir, steps: int = 6, **sections) -> str:
+    """A tiny-task recipe on the 32 px MDS shards; ``sections`` adds YAML text per top-level key."""
+    import textwrap
+
+    optim = "    main:\n      lr: 1.0e-3\n      warmup_steps: 2\n" if task == "tiny-ae" else (
+        "    generator:\n      lr: 1.0e-3\n    discriminator:\n      lr: 2.0e-4\n      start_step: 2\n")
+    text = textwrap.dedent(f"""\
+        name: {task}
+        run_dir: {run_dir}
+        data:
+          format: mds
+          train_shards: {shards_dir}
+          fields: [image]
+          resolution: 32
+          batch_size: 8
+          num_workers: 0
+        train:
+          task: {task}
+          steps: {steps}
+          log_every: 1
+          optim:
+        """) + optim + textwrap.dedent("""\
+        ckpt:
+          every_steps: 2
+          keep_last: 10
+        log:
+          progress: false
+          tensorboard: false
+        """)
+    for extra in sections.values():
+        text += textwrap.dedent(extra)
+    p = __import__("pathlib").Path(path)
+    p.write_text(text)
+    return str(p)
+
+
+def vtok_cmd(*args, nproc: int = 1) -> list[str]:
+    """Command running tests/train_entry.py (vtok with the test tasks) on ``nproc`` local ranks."""
+    import sys
+
+    if nproc == 1:
+        return [sys.executable, str(ENTRY), *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(ENTRY), *map(str, args)]
+
+
+def run_vtok(*args, nproc: int = 1, timeout: int = 300):
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(vtok_cmd(*args, nproc=nproc), capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def read_metrics(run_dir) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,115 @@
+"""Faults: kill -9 and resume, preemption signals, leftover temp checkpoints, non-finite losses."""
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_metrics, run_vtok, vtok_cmd, write_train_recipe
+
+LONG = 60  # steps: enough that a kill lands mid-run
+
+
+def start(recipe, *overrides, nproc=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(vtok_cmd("train", recipe, *overrides, nproc=nproc), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(path: Path, proc, timeout=120.0):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended early: {proc.communicate()[1][-2000:]}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def final_weights(recipe, run_dir: Path, strategy: str, out: Path) -> dict:
+    if strategy == "ddp":
+        return load_file(str(run_dir / "checkpoints" / f"step_{LONG:09d}" / "model-ae.safetensors"))
+    run_vtok("export", recipe, f"parallel.strategy={strategy}", f"run_dir={run_dir}", "--out", out)
+    return load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_kill_9_then_resume_gives_bit_identical_weights(shards, tmp_path, strategy):
+    recipe = write_train_recipe(tmp_path / "r.yaml", shards["mds"], "tiny-ae", tmp_path / "clean", steps=LONG)
+    common = [f"parallel.strategy={strategy}", "data.batch_size=4", "data.num_workers=1",
+              "ckpt.every_steps=10", "ckpt.keep_last=2"]
+    run_vtok("train", recipe, *common, nproc=2)
+
+    killed = tmp_path / "killed"
+    proc = start(recipe, *common, f"run_dir={killed}", nproc=2)
+    wait_for(killed / "checkpoints" / "step_000000010" / "meta.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "COMPLETE").exists(), "the kill must land before the end"
+    proc = run_vtok("train", recipe, *common, f"run_dir={killed}", nproc=2)
+    assert f"complete at step {LONG}" in proc.stdout
+
+    a = final_weights(recipe, tmp_path / "clean", strategy, tmp_path / "a")
+    b = final_weights(recipe, killed, strategy, tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after kill -9 + resume"
+
+
+def test_signal_to_one_rank_saves_and_stops_all(shards, tmp_path):
+    recipe = write_train_recipe(tmp_path / "r.yaml", shards["mds"], "tiny-ae", tmp_path / "run", steps=100000)
+    proc = start(recipe, "data.batch_size=4", "ckpt.every_steps=1000000", nproc=2)
+    wait_for(tmp_path / "run" / "metrics.jsonl", proc)
+    time.sleep(1.0)
+    # torchrun's workers are the agent's child processes
+    workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGUSR1)  # one worker only
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted at step" in out
+    ckpts = [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert len(ckpts) == 1 and (ckpts[0] / "meta.json").is_file()
+    assert len(list(ckpts[0].glob("rank*.pt"))) == 2, "both ranks saved their state"
+    assert not (tmp_path / "run" / "COMPLETE").exists()
+    stopped_at = int(ckpts[0].name.split("_")[1])
+
+    # A crash during a later save leaves a .tmp directory: it must be ignored on resume.
+    junk = tmp_path / "run" / "checkpoints" / f"step_{stopped_at + 5:09d}.tmp"
+    junk.mkdir()
+    (junk / "meta.json").write_text("{not json")
+    proc = run_vtok("train", recipe, "data.batch_size=4", f"train.steps={stopped_at + 2}", nproc=2)
+    assert f"complete at step {stopped_at + 2}" in proc.stdout
+    assert [m["step"] for m in read_metrics(tmp_path / "run")][-2:] == [stopped_at + 1, stopped_at + 2]
+    assert not junk.exists(), "the next save clears leftovers"
+
+
+def test_sigterm_single_process_leaves_complete_checkpoint(shards, tmp_path):
+    recipe = write_train_recipe(tmp_path / "r.yaml", shards["mds"], "tiny-ae", tmp_path / "run", steps=100000)
+    proc = start(recipe, "ckpt.every_steps=1000000")
+    wait_for(tmp_path / "run" / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "preempted" in out, err[-2000:]
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert (tmp_path / "run" / "checkpoints" / latest / "meta.json").is_file()
+
+
+def test_nan_steps_are_skipped_then_stop_the_run(shards, tmp_path):
+    recipe = write_train_recipe(tmp_path / "r.yaml", shards["mds"], "tiny-ae", tmp_path / "run", steps=6,
+                                model="model:\n  nan_at_steps: [2]\n")
+    run_vtok("train", recipe, "data.batch_size=4", nproc=2)
+    metrics = {m["step"]: m for m in read_metrics(tmp_path / "run")}
+    assert metrics[3]["main/skipped"] == 1.0 and metrics[3]["bad_steps_in_a_row"] == 1
+    assert metrics[4]["main/skipped"] == 0.0 and metrics[6]["bad_steps_in_a_row"] == 0
+
+    recipe = write_train_recipe(tmp_path / "r2.yaml", shards["mds"], "tiny-ae", tmp_path / "run2", steps=9,
+                                model="model:\n  nan_at_steps: [4, 5, 6]\n")
+    proc = subprocess.run(vtok_cmd("train", recipe, "train.max_bad_steps=3"), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "3 steps in a row had a non-finite loss (last at step 7)" in proc.stderr
+    assert "step_000000004" in proc.stderr, "names the last good checkpoint"
