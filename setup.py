@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "einops>=0.8",
     "open-clip-torch>=2.26",
     "timm>=1.0",
+    "tensorboard>=2.14",
 ]
 
 EXTRAS = {
@@ -24,6 +25,7 @@ EXTRAS = {
     # DS_BUILD_OPS=0 pip install --no-build-isolation 'vtok[deepspeed]'
     "deepspeed": ["deepspeed>=0.15,<0.20"],
     "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    "wandb": ["wandb>=0.17"],
 }
 
 setup(

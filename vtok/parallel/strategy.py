@@ -55,7 +55,7 @@ def zero_loss(modules: list[nn.Module]) -> torch.Tensor:
 class Strategy:
     """Base class and the shared bookkeeping; subclasses override wrapping, sync and checkpoints."""
 
-    name = "base"
+    name = "ddp"  # the base class is also the DDP / single-process strategy
 
     def __init__(self, cfg: ParallelConfig, info: DistInfo, precision: str):
         self.cfg, self.info, self.precision = cfg, info, precision
