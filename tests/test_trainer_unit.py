@@ -100,3 +100,19 @@ def test_gradient_accumulation_matches_one_big_batch(shards, tmp_path):
     for (n, p), (_, q) in zip(big.strategy.raw["ae"].named_parameters(),
                               acc.strategy.raw["ae"].named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_activation_checkpointing_mfu_and_tensorboard(shards, tmp_path):
+    plain = Trainer(recipe_for(shards, tmp_path / "a", "ckpt.every_steps=100"))
+    plain.fit()
+    ac = Trainer(recipe_for(shards, tmp_path / "b", "ckpt.every_steps=100", "train.activation_checkpointing=true",
+                            "train.peak_tflops=0.001", "log.tensorboard=true"))
+    wrapped = [m for m in ac.strategy.raw["ae"].modules() if type(m).__name__ == "CheckpointWrapper"]
+    assert len(wrapped) == 2, "each block is wrapped"
+    ac.fit()
+    for p, q in zip(plain.strategy.raw["ae"].parameters(), ac.strategy.raw["ae"].parameters()):
+        torch.testing.assert_close(p, q)
+    last = json.loads((tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    # tiny-ae claims 1e6 FLOPs/sample; mfu = flops x samples/s / peak
+    assert last["mfu"] == pytest.approx(1e6 * last["samples_per_s"] / 1e9, rel=1e-6)
+    assert list((tmp_path / "b" / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -170,8 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_plugins() -> None:
+    """Import the modules named in VTOK_PLUGINS (comma-separated), e.g. out-of-tree TrainTasks that
+    register themselves with ``@register_task``."""
+    import importlib
+    import os
+
+    for name in filter(None, (n.strip() for n in os.environ.get("VTOK_PLUGINS", "").split(","))):
+        importlib.import_module(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    load_plugins()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("streaming").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
