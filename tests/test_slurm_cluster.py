@@ -69,12 +69,19 @@ def cluster(tmp_path_factory):
         assert time.time() < deadline, (d / "slurmctld.log").read_text()[-2000:]
         time.sleep(0.5)
     yield env, d
-    for pid_file in (d / "slurmd.pid", d / "slurmctld.pid", d / "munge" / "munged.pid"):
-        if pid_file.is_file():
+    subprocess.run(["scancel", "--full", "--partition=debug"], env=env)
+    time.sleep(2)  # let slurmd reap the cancelled steps before it stops
+    pids = [int(p.read_text().split()[0]) for p in (d / "slurmd.pid", d / "slurmctld.pid",
+                                                     d / "munge" / "munged.pid") if p.is_file()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
             try:
-                os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+        deadline = time.time() + 10
+        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.2)
 
 
 def sbatch(env, d, recipe, *overrides) -> str:
@@ -123,6 +130,10 @@ def test_usr1_saves_requeues_and_resumes(cluster, shards, tmp_path):
     ckpts = [p for p in (tmp_path / "run" / "checkpoints").glob("step_*") if (p / "meta.json").is_file()]
     assert len(ckpts) == 1
     saved = int(ckpts[0].name.split("_")[1])
+    # Skip Slurm's ~2 min requeue delay, once the old instance's credential has expired (starting
+    # at once can hit "Job credential revoked").
+    wait(lambda: job_field(env, job, "JobState") == "PENDING", what="the requeued job to pend")
+    time.sleep(10)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     wait(lambda: any(m["step"] > saved for m in read_metrics(tmp_path / "run")), what="the resumed run")
     subprocess.run(["scancel", job], env=env, check=True)
