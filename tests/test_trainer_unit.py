@@ -116,3 +116,11 @@ def test_activation_checkpointing_mfu_and_tensorboard(shards, tmp_path):
     # tiny-ae claims 1e6 FLOPs/sample; mfu = flops x samples/s / peak
     assert last["mfu"] == pytest.approx(1e6 * last["samples_per_s"] / 1e9, rel=1e-6)
     assert list((tmp_path / "b" / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(shards, tmp_path):
+    trainer = Trainer(recipe_for(shards, tmp_path, "ckpt.every_steps=100", "train.precision=bf16"))
+    trainer.fit()
+    losses = [json.loads(x)["main/loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in trainer.strategy.raw["ae"].parameters())
