@@ -1,0 +1,1 @@
+"""Model architectures (no distributed code: vtok.parallel wraps them from the outside)."""
