@@ -1,0 +1,1 @@
+"""Tokenizers: VQGAN / FQGAN (CNN), FlexTok and TexTok (ViT)."""
