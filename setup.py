@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "open-clip-torch>=2.26",
     "timm>=1.0",
     "tensorboard>=2.14",
+    "lpips>=0.1.4",  # only for its shipped VGG linear-head weights (7 KB); vtok computes LPIPS itself
 ]
 
 EXTRAS = {
