@@ -15,7 +15,7 @@ from vtok.models.tokenizers.vqgan import CNNConfig
 
 @dataclass(frozen=True)
 class Entry:
-    build: Callable[[], nn.Module]
+    build: Callable[..., nn.Module]  # keyword overrides of the model's config, e.g. align={}
     params: int | None  # published count (official code, see shared/PAPERS.md); None for tiny sizes
     source: str = ""
 
@@ -29,8 +29,9 @@ TINY = dict(image_size=64, vq=L2VectorQuantizer.Config(codebook_size=256, dim=8)
             adapter_heads=2, align_layers=1, align_heads=2)
 
 
-def fqgan(cnn: CNNConfig, k: int, align: dict[int, int], **kw) -> Callable[[], nn.Module]:
-    return lambda: FQGAN(FQGANConfig(cnn=cnn, num_codebooks=k, align=dict(align), **kw))
+def fqgan(cnn: CNNConfig, k: int, align: dict[int, int], **kw) -> Callable[..., nn.Module]:
+    return lambda **over: FQGAN(FQGANConfig(**{"cnn": cnn, "num_codebooks": k, "align": dict(align),
+                                               **kw, **over}))
 
 
 MODELS: dict[str, Entry] = {
@@ -46,13 +47,13 @@ MODELS: dict[str, Entry] = {
 }
 
 
-def build_model(name: str) -> nn.Module:
-    """The registered model ``name`` with fresh weights."""
+def build_model(name: str, **overrides) -> nn.Module:
+    """The registered model ``name`` with fresh weights (``overrides``: fields of its config)."""
     if name not in MODELS:
         close = difflib.get_close_matches(name, list(MODELS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise KeyError(f"unknown model {name!r}{hint}; registered: {', '.join(MODELS)}")
-    return MODELS[name].build()
+    return MODELS[name].build(**overrides)
 
 
 __all__ = ["MODELS", "Entry", "build_model"]

@@ -81,6 +81,8 @@ def register_task(name: str) -> Callable[[type[TrainTask]], type[TrainTask]]:
 
 def build_task(recipe: Recipe) -> TrainTask:
     """Instantiate ``recipe.train.task`` with ``recipe.model`` checked against the task's Config."""
+    import vtok.tasks  # noqa: F401  (registers the built-in tasks)
+
     name = recipe.train.task
     if name not in TASKS:
         close = difflib.get_close_matches(name, list(TASKS), n=1)

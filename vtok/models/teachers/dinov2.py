@@ -1,0 +1,52 @@
+"""timm DINOv2 ViT as a frozen teacher (weights from a local file only, never downloaded)."""
+from __future__ import annotations
+
+from typing import Any
+
+from vtok.models.teachers.base import Teacher, check_weights_file, load_state_dict_safely, unknown_model_error
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 224  # DINOv2's eval resolution (16 x 16 patches of 14 px); timm's default is 518
+
+
+def load_dinov2_teacher(model_name: str, weights_path: str, **overrides: Any) -> Teacher:
+    """A timm DINOv2 model's pooled CLS feature (after the final norm) as a frozen ``Teacher``.
+
+    ``model_name``: a timm architecture, e.g. "vit_small_patch14_dinov2" (384-d) or
+    "vit_base_patch14_dinov2" (768-d). ``weights_path``: a local .safetensors / .pth / .bin
+    checkpoint, either timm's format or the original facebookresearch one (timm converts it).
+    ``overrides``: extra ``timm.create_model`` kwargs; ``img_size`` (default 224, a multiple of the
+    patch size) sets the teacher's input resolution, and timm resamples the checkpoint's position
+    embeddings to it at load time.
+    """
+    import timm
+
+    if not timm.is_model(model_name):
+        raise unknown_model_error("DINOv2", model_name, timm.list_models())
+    check_weights_file(weights_path, "DINOv2", model_name, "model.teachers[].weights")
+    kwargs = {"img_size": DEFAULT_IMAGE_SIZE, **overrides, "num_classes": 0}  # num_classes=0: pooled features
+    # Load the file ourselves (safetensors, or torch.load(weights_only=True)) rather than through
+    # pretrained_cfg_overlay(file=...): timm 1.0.31 also loads files safely, but older timm 1.0.x did not
+    # pass weights_only. The state_dict overlay still runs timm's checkpoint_filter_fn (original DINOv2
+    # key conversion, position-embedding resampling to img_size).
+    state_dict = load_state_dict_safely(weights_path)
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict),
+                              **kwargs)
+    del state_dict
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    cfg.pop("state_dict", None)  # timm keeps the overlay in model.pretrained_cfg: free the checkpoint copy
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        height, width = patch_embed.img_size
+        patch = patch_embed.patch_size[0]
+    else:
+        height, width = cfg.get("input_size", (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE))[-2:]
+        patch = 1
+    if height != width or height % patch:
+        raise ValueError(f"DINOv2 teacher needs a square input size that is a multiple of the patch size "
+                         f"{patch}, got {height}x{width}")
+    mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(cfg.get("std") or IMAGENET_STD)
+    feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
+    return Teacher(model, image_size=height, mean=mean, std=std, feature_dim=int(feature_dim))
