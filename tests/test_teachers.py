@@ -135,8 +135,8 @@ def test_clip_loads_saved_weights(tmp_path, tiny_clip_config, suffix):
 
 def test_missing_weights_raise_file_not_found(tmp_path, tiny_clip_config):
     missing = str(tmp_path / "nope" / "weights.safetensors")
-    for load, key in ((lambda: load_clip_teacher(tiny_clip_config, missing), "teacher.clip_weights"),
-                      (lambda: load_dinov2_teacher(DINO, missing), "teacher.dinov2_weights")):
+    for load, key in ((lambda: load_clip_teacher(tiny_clip_config, missing), "model.teachers[].weights"),
+                      (lambda: load_dinov2_teacher(DINO, missing), "model.teachers[].weights")):
         with pytest.raises(FileNotFoundError) as err:
             load()
         message = str(err.value)
