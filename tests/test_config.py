@@ -75,9 +75,16 @@ def test_cli_info_error_is_one_line_exit_2(tmp_path):
 
 
 def test_every_shipped_recipe_resolves():
+    """Every recipe loads, and its `model` section passes its task's strict Config check."""
     from pathlib import Path
+
+    import vtok.tasks  # noqa: F401
+    from vtok.config import load_section
+    from vtok.train.task import TASKS
 
     recipes = sorted(Path(__file__).parent.parent.joinpath("recipes").rglob("*.yaml"))
     assert recipes, "no recipes shipped"
     for path in recipes:
-        load_recipe(path)
+        recipe = load_recipe(path)
+        if recipe.train.task:
+            load_section(TASKS[recipe.train.task].Config, recipe.model, "model.", str(path))

@@ -75,3 +75,10 @@ def test_teacher_and_head_mismatch_is_a_recipe_error(shards, tmp_path):
         Trainer(smoke(shards, tmp_path, "model.perceptual_weight=1.0"))
     with pytest.raises(RecipeError, match="'fqgan-dual-tny' is not registered"):
         Trainer(smoke(shards, tmp_path, "model.arch=fqgan-dual-tny"))
+
+
+def test_full_size_recipe_names_missing_teacher_weights(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "fqgan" / "fqgan_dual_f16.yaml",
+                         ["data.train_shards=unused", f"run_dir={tmp_path}", "model.perceptual_weight=0"])
+    with pytest.raises(FileNotFoundError, match="weights/clip_vit_l14_openai.safetensors"):
+        Trainer(recipe, loader=[])

@@ -185,3 +185,20 @@ def test_cuda_runs_bf16_and_returns_float32(tmp_path, dino_model):
     out = teacher.cuda()(x.cuda())
     assert out.dtype == torch.float32 and out.device.type == "cuda"
     torch.testing.assert_close(out.cpu(), ref, atol=0.1, rtol=0.05)
+
+
+def test_clip_cls_feature_is_the_pre_projection_token(tiny_clip_config, tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(tiny_clip_config)
+    path = tmp_path / "clip.safetensors"
+    save_file(model.state_dict(), str(path))
+    teacher = load_clip_teacher(tiny_clip_config, str(path), feature="cls")
+    width = model.visual.transformer.width
+    assert teacher.feature_dim == width
+    x = torch.rand(2, 3, 40, 40) * 2 - 1
+    model.visual.proj = None
+    expected = model.visual(teacher.preprocess(x))
+    torch.testing.assert_close(teacher(x), expected.float(), rtol=1e-5, atol=1e-5)

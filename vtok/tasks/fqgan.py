@@ -36,6 +36,7 @@ class TeacherSpec:
     model: str = "ViT-L-14"  # open_clip model name, or timm name such as vit_small_patch14_dinov2
     weights: str = ""  # local weights file (no hub access at run time)
     tag: str = ""  # clip only: the open_clip pretrained tag of the file (mean/std, QuickGELU), e.g. "openai"
+    feature: str = "cls"  # clip only: "cls" (pre-projection, FQGAN's target) or "embedding"
 
 
 class Discriminator(nn.Module):
@@ -60,7 +61,8 @@ def build_teacher(spec: TeacherSpec) -> nn.Module:
     from vtok.models import teachers
 
     if spec.kind == "clip":
-        return teachers.load_clip_teacher(spec.model, spec.weights, pretrained_tag=spec.tag or None)
+        return teachers.load_clip_teacher(spec.model, spec.weights, pretrained_tag=spec.tag or None,
+                                          feature=spec.feature)
     if spec.kind == "dinov2":
         return teachers.load_dinov2_teacher(spec.model, spec.weights)
     raise RecipeError(f"model.teachers: kind={spec.kind!r} is not 'clip' or 'dinov2'")

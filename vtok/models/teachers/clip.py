@@ -29,7 +29,8 @@ class ClipImageEncoder(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def load_clip_teacher(model_name: str, weights_path: str, *, pretrained_tag: str | None = None) -> Teacher:
+def load_clip_teacher(model_name: str, weights_path: str, *, pretrained_tag: str | None = None,
+                      feature: str = "embedding") -> Teacher:
     """An OpenCLIP model's image embedding as a frozen ``Teacher``.
 
     ``model_name``: an open_clip architecture (``open_clip.list_models()``), e.g. "ViT-L-14".
@@ -38,7 +39,12 @@ def load_clip_teacher(model_name: str, weights_path: str, *, pretrained_tag: str
     "datacomp_xl_s13b_b90k"); only used, offline, for its preprocessing mean/std and QuickGELU flag.
     Without it the mean/std are OpenAI CLIP's and the activation is the config's: use a
     "-quickgelu" model name for OpenAI-trained weights.
+    ``feature``: "embedding" (the projected image embedding) or "cls" (the last layer's pooled CLS
+    token before the projection, at the transformer's width: what FQGAN aligns to, e.g. 1024-d
+    for ViT-L/14).
     """
+    if feature not in ("embedding", "cls"):
+        raise ValueError(f"feature={feature!r} is not 'embedding' or 'cls'")
     import open_clip
 
     arch = model_name.replace("/", "-")
@@ -68,8 +74,12 @@ def load_clip_teacher(model_name: str, weights_path: str, *, pretrained_tag: str
     pp = dict(getattr(visual, "preprocess_cfg", None) or {})
     mean = tuple(tag_cfg.get("mean") or pp.get("mean") or OPENAI_CLIP_MEAN)
     std = tuple(tag_cfg.get("std") or pp.get("std") or OPENAI_CLIP_STD)
+    if feature == "cls":
+        if getattr(visual, "proj", None) is None:
+            raise ValueError(f"{model_name}: its image tower has no projection to skip; use feature='embedding'")
+        visual.proj = None  # open_clip's ViT then returns the pooled CLS before projection
     encoder = ClipImageEncoder(visual).eval()
-    feature_dim = getattr(visual, "output_dim", None)
+    feature_dim = getattr(visual, "output_dim", None) if feature == "embedding" else None
     if feature_dim is None:  # timm / HF towers: measure the embedding width once
         with torch.no_grad():
             feature_dim = encoder(torch.zeros(1, 3, height, width)).shape[-1]
