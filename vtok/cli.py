@@ -4,6 +4,7 @@
     vtok info RECIPE [key=value ...]            print the resolved recipe
     vtok train RECIPE [key=value ...]           train (resumes from the run dir's latest checkpoint)
     vtok export RECIPE --out DIR                model.safetensors + config.json for inference
+    vtok precompute codes --tokenizer DIR ...   image shards -> code shards (resumable, multi-rank)
     vtok data synthetic OUT [--format mds]      write the built-in shapes dataset
     vtok data inspect PATH                      shard count, sample count, fields of the first sample
 
@@ -118,6 +119,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"sample grid: {grid}")
 
 
+def cmd_precompute_codes(args: argparse.Namespace) -> None:
+    from vtok.parallel.dist import init_distributed
+    from vtok.precompute.codes import precompute_codes
+
+    info = init_distributed()
+    wrote = precompute_codes(args.tokenizer, args.data, args.out, info, out_format=args.format,
+                             resolution=args.resolution, flip=args.flip, batch_size=args.batch_size)
+    print(f"vtok precompute codes: rank {info.rank} wrote {wrote} shards -> {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vtok", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -151,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--resume", default="", help="checkpoint dir (default: the latest)")
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
     export.set_defaults(func=cmd_export)
+
+    pre = sub.add_parser("precompute", help="offline jobs over shards").add_subparsers(
+        dest="precompute_command", required=True)
+    codes = pre.add_parser("codes", help="image shards -> token-code shards with a frozen tokenizer")
+    codes.add_argument("--tokenizer", required=True, help="a `vtok export` directory")
+    codes.add_argument("--data", required=True, help="image shards: tar dir / brace pattern, or MDS dir")
+    codes.add_argument("--out", required=True, help="output directory (resumable)")
+    codes.add_argument("--format", choices=("wds", "mds"), default="", help="default: the input's")
+    codes.add_argument("--resolution", type=int, default=256)
+    codes.add_argument("--flip", action="store_true", help="also encode the mirrored image (codes (2, ...))")
+    codes.add_argument("--batch-size", type=int, default=64)
+    codes.set_defaults(func=cmd_precompute_codes)
 
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command",
                                                                             required=True)

@@ -55,7 +55,7 @@ def expand_shards(spec: str, setting: str = "data.train_shards") -> list[str]:
         raise DataError(f"{setting}={spec!r} names no shards; give .tar paths, a brace range "
                         "like data/train-{000000..000099}.tar, or a directory of shards")
     for url in urls:
-        if not REMOTE.match(url) and not Path(url).is_file():
+        if not REMOTE.match(url) and not Path(url).exists():  # (a named pipe is fine too)
             raise DataError(f"shard not found: {url} (from {setting}={spec!r}); check the path, "
                             "or write shards with data_prep/make_shards.py")
     return urls

@@ -120,7 +120,12 @@ class FQGAN(nn.Module):
 
     @property
     def token_shape(self) -> tuple[int, int, int]:
-        return (self.cfg.num_codebooks, self.cfg.grid, self.cfg.grid)
+        """Codes per image at the configured ``image_size``: (k, H/f, W/f)."""
+        return self.token_shape_for(self.cfg.image_size)
+
+    def token_shape_for(self, image_size: int) -> tuple[int, int, int]:
+        grid = image_size // self.cfg.cnn.downsample
+        return (self.cfg.num_codebooks, grid, grid)
 
     @property
     def vocab_sizes(self) -> tuple[int, ...]:

@@ -1,0 +1,87 @@
+"""`vtok precompute codes`: a trained tokenizer turns image shards into code shards, resumably."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from vtok.config import load_recipe
+from vtok.data.schema import from_wds
+from vtok.data.webdataset import read_tar
+from vtok.precompute.codes import load_tokenizer
+from vtok.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def exported(shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tok")
+    recipe = load_recipe(ROOT / "recipes" / "smoke" / "fqgan_dual.yaml", [
+        f"data.train_shards={shards['wds']}", "data.resolution=32", "data.batch_size=8",
+        "data.num_workers=0", f"run_dir={tmp / 'run'}", "train.steps=2", "log.progress=false",
+        "log.tensorboard=false"])
+    trainer = Trainer(recipe)
+    trainer.fit()
+    trainer.export(tmp / "export")
+    return tmp / "export"
+
+
+def run_codes(*args):
+    return subprocess.run([sys.executable, "-m", "vtok.cli", "precompute", "codes", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def code_samples(out):
+    return [from_wds(m) for p in sorted(out.glob("shard-*.tar")) for m in read_tar(str(p))]
+
+
+def test_codes_with_flip_keep_keys_and_labels(shards, exported, tmp_path):
+    proc = run_codes("--tokenizer", exported, "--data", shards["wds"], "--out", tmp_path / "codes",
+                     "--resolution", 32, "--flip", "--batch-size", 16)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    samples = code_samples(tmp_path / "codes")
+    assert len(samples) == 240 and samples[0]["__key__"] == "00000000"
+    assert samples[0]["codes"].shape == (2, 2, 8, 8) and samples[0]["codes"].dtype == np.int16
+    assert {"cls", "caption"} <= set(samples[0]) and "image" not in samples[0]
+    meta = json.loads((tmp_path / "codes" / "codes.json").read_text())
+    assert meta["token_shape"] == [2, 8, 8] and meta["vocab_sizes"] == [256, 256] and meta["flip"]
+    tok = load_tokenizer(exported, torch.device("cpu"))
+    images = tok.decode(torch.from_numpy(samples[0]["codes"][:1]).long())
+    assert images.shape == (1, 3, 32, 32)
+
+
+def test_killed_half_way_resumes_without_redoing_finished_shards(shards, exported, tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    for p in sorted(os.listdir(shards["wds"])):
+        if p.endswith(".tar"):
+            os.symlink(os.path.join(shards["wds"], p), data / p)
+    victim = data / "shard-000005.tar"
+    target = os.readlink(victim)
+    victim.unlink()
+    os.mkfifo(victim)  # reading it blocks: the job hangs at shard 5 with shards 0-4 written
+    out = tmp_path / "codes"
+    proc = subprocess.Popen([sys.executable, "-m", "vtok.cli", "precompute", "codes", "--tokenizer",
+                             str(exported), "--data", str(data), "--out", str(out), "--resolution", "32"])
+    deadline = time.time() + 120
+    while not (out / "shard-000004.tar").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    assert sorted(done) == [f"shard-{i:06d}.tar" for i in range(5)]
+
+    victim.unlink()
+    os.symlink(target, victim)
+    assert run_codes("--tokenizer", exported, "--data", data, "--out", out, "--resolution", 32).returncode == 0
+    assert all((out / n).stat().st_mtime_ns == t for n, t in done.items()), "finished shards not redone"
+    clean = tmp_path / "clean"
+    assert run_codes("--tokenizer", exported, "--data", data, "--out", clean, "--resolution", 32).returncode == 0
+    for name in sorted(p.name for p in clean.glob("shard-*.tar")):
+        assert (out / name).read_bytes() == (clean / name).read_bytes()
+    assert len(code_samples(out)) == 240

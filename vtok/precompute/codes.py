@@ -1,0 +1,126 @@
+"""``vtok precompute codes``: a frozen tokenizer turns image shards into code shards.
+
+Input shard i becomes output shard i (same format unless ``--format``), with ``__key__``, ``codes``
+(int16 when the vocabulary fits, else int32; shape ``token_shape``, or ``(2, *token_shape)`` with
+``--flip``: the image and its mirror, as LlamaGen's code extraction augments) and ``cls`` /
+``caption`` passed through. Ranks take every ``world_size``-th shard; finished output shards are
+skipped, so a killed job resumes where it stopped; each shard is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from vtok.data.mds import mds_shard_entries, read_mds_shard
+from vtok.data.schema import from_mds, from_wds
+from vtok.data.transforms import BadSample, ImageTransform
+from vtok.data.webdataset import expand_shards, read_tar
+from vtok.data.writers import finalize, shard_name, write_shard
+from vtok.models.registry import build_model
+from vtok.parallel.dist import DistInfo, barrier
+
+log = logging.getLogger("vtok.precompute")
+PASS_THROUGH = ("cls", "caption")
+
+
+def load_tokenizer(export_dir: str | Path, device: torch.device) -> torch.nn.Module:
+    """The tokenizer ``vtok export`` wrote (``config.json`` + ``tokenizer.safetensors``), in eval mode."""
+    export_dir = Path(export_dir)
+    config_path = export_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found; export the tokenizer first: "
+                                "vtok export RECIPE --out DIR")
+    config = json.loads(config_path.read_text())
+    weights = next((p for p in (export_dir / "tokenizer.safetensors", export_dir / "model.safetensors")
+                    if p.is_file()), None)
+    if weights is None or "arch" not in config:
+        raise FileNotFoundError(f"{export_dir} holds no exported tokenizer (tokenizer.safetensors + arch)")
+    state = load_file(str(weights))
+    has_heads = any(k.startswith("align_heads.") for k in state)
+    model = build_model(config["arch"], **({} if has_heads else {"align": {}}))
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def source_shards(spec: str) -> tuple[str, list[Any]]:
+    """(format, shard handles) of an image shard set: MDS dir with index.json, else WebDataset."""
+    if Path(spec).is_dir() and (Path(spec) / "index.json").is_file():
+        return "mds", mds_shard_entries(spec)
+    return "wds", expand_shards(spec, "--data")
+
+
+def read_shard(fmt: str, spec: str, handle: Any) -> Iterator[dict[str, Any]]:
+    if fmt == "mds":
+        return (from_mds(row) for row in read_mds_shard(spec, handle))
+    return (from_wds(members) for members in read_tar(handle))
+
+
+@torch.no_grad()
+def encode_shard(model, samples: Iterator[dict[str, Any]], transform: ImageTransform, flip: bool,
+                 batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Schema samples with images -> schema samples with ``codes`` (images dropped)."""
+    vocab = max(model.vocab_sizes)
+    dtype = np.int16 if vocab <= np.iinfo(np.int16).max + 1 else np.int32
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> Iterator[dict[str, Any]]:
+        images = torch.stack([s.pop("_pixels") for s in batch]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        images = images.to(device)
+        codes = model.encode(images)  # (B, *token_shape)
+        if flip:
+            codes = torch.stack([codes, model.encode(images.flip(-1))], dim=1)
+        for sample, c in zip(batch, codes.cpu().numpy()):
+            yield {**sample, "codes": c.astype(dtype)}
+        batch.clear()
+
+    for sample in samples:
+        try:
+            pixels = transform(sample["image"], random.Random(0), name=f"key {sample['__key__']}")
+        except BadSample as e:
+            log.warning("skipping key %s: %s", sample["__key__"], e)
+            continue
+        batch.append({"__key__": sample["__key__"], "_pixels": pixels,
+                      **{k: sample[k] for k in PASS_THROUGH if k in sample}})
+        if len(batch) == batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def precompute_codes(export_dir: str, data: str, out: str, info: DistInfo, *, out_format: str = "",
+                     resolution: int = 256, flip: bool = False, batch_size: int = 64,
+                     progress: bool = True) -> int:
+    """Encode every shard of ``data`` into ``out``; returns the number of shards this rank wrote."""
+    model = load_tokenizer(export_dir, info.device)
+    fmt, shards = source_shards(data)
+    out_format = out_format or fmt
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transform = ImageTransform(resolution, crop="center", small_images="upscale")
+    mine = [i for i in range(len(shards)) if i % info.world_size == info.rank]
+    todo = [i for i in mine if not (out_dir / shard_name(out_format, i)).exists()]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", desc=f"codes r{info.rank}",
+               disable=not progress, dynamic_ncols=True)
+    for i in todo:
+        samples = encode_shard(model, read_shard(fmt, data, shards[i]), transform, flip, batch_size,
+                               info.device)
+        write_shard(out_dir, out_format, i, samples)
+        bar.update(1)
+    bar.close()
+    barrier()
+    if info.is_main:
+        meta = {"tokenizer": str(export_dir), "token_shape": list(model.token_shape_for(resolution)),
+                "vocab_sizes": list(model.vocab_sizes), "flip": flip, "resolution": resolution}
+        (out_dir / "codes.json").write_text(json.dumps(meta, indent=1))
+        total = finalize(out_dir, out_format)
+        log.info("%s: %d code samples in %d shards", out_dir, total, len(shards))
+    barrier()
+    return len(todo)
