@@ -82,3 +82,21 @@ def test_full_size_recipe_names_missing_teacher_weights(tmp_path):
                          ["data.train_shards=unused", f"run_dir={tmp_path}", "model.perceptual_weight=0"])
     with pytest.raises(FileNotFoundError, match="weights/clip_vit_l14_openai.safetensors"):
         Trainer(recipe, loader=[])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "deepspeed"])
+def test_fqgan_gan_task_trains_at_two_ranks(shards, tmp_path, strategy):
+    import math
+
+    from conftest import read_metrics, run_vtok
+
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    run_vtok("train", SMOKE, f"data.train_shards={shards['wds']}", "data.resolution=32", "data.batch_size=4",
+             "data.num_workers=0", f"run_dir={tmp_path / 'run'}", "log.progress=false", "log.tensorboard=false",
+             "train.log_every=1", "train.steps=4", "train.optim.discriminator.start_step=2",
+             f"parallel.strategy={strategy}", nproc=2)
+    m = read_metrics(tmp_path / "run")
+    assert [x["step"] for x in m] == [1, 2, 3, 4]
+    assert all(math.isfinite(x["generator/loss"]) for x in m)
+    assert math.isfinite(m[-1]["discriminator/loss"]) and "generator/gan_g" in m[-1]
