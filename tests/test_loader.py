@@ -173,3 +173,9 @@ def test_augmentation_depends_on_sample_not_on_worker_layout(shards):
         images.append({k: img for b in loader for k, img in zip(b["__key__"], b["image"])})
     assert images[0].keys() == images[1].keys() == ALL_KEYS
     assert all(torch.equal(images[0][k], images[1][k]) for k in ALL_KEYS)
+
+
+def test_pipe_urls_and_brace_ranges(shards):
+    spec = f"pipe:cat {shards['wds']}/shard-{{000000..000011}}.tar"
+    keys = keys_of(build_loader(data_recipe("wds", spec).data))
+    assert len(keys) == NUM_SAMPLES and set(keys) == ALL_KEYS

@@ -178,8 +178,8 @@ class Strategy:
         for name, module in self.raw.items():
             load_model(module, str(path / f"model-{name}.safetensors"), device=str(self.info.device))
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(torch.load(path / f"optim-{name}.pt", map_location=self.info.device,
-                                           weights_only=True))
+            file, device = path / f"optim-{name}.pt", self.info.device
+            opt.load_state_dict(torch.load(file, map_location=device, weights_only=True))
         self.load_extra(path, extra)
 
     def save_extra(self, path: Path, extra: dict[str, dict[str, torch.Tensor]]) -> None:
