@@ -33,13 +33,14 @@ REMOTE = re.compile(r"^(pipe:|https?://|s3://|gs://)")
 
 
 def expand_shards(spec: str, setting: str = "data.train_shards") -> list[str]:
-    """Shard list from a spec: whitespace/comma separated paths, brace ranges or URLs, or a directory.
+    """Shard list from a spec: paths, brace ranges, ``pipe:`` / http URLs, or directories; several
+    specs are joined with ``::`` (webdataset's convention; commands in ``pipe:`` URLs keep their spaces).
 
     A directory yields the shards named in its ``manifest.json`` (else its sorted ``*.tar``). Local
     paths must exist: a missing one raises DataError naming it.
     """
     urls: list[str] = []
-    for part in re.split(r"[\s,]+", spec.strip()):
+    for part in (p.strip() for p in spec.split("::")):
         if not part:
             continue
         if not REMOTE.match(part) and Path(part).is_dir():
