@@ -85,3 +85,25 @@ def test_killed_half_way_resumes_without_redoing_finished_shards(shards, exporte
     for name in sorted(p.name for p in clean.glob("shard-*.tar")):
         assert (out / name).read_bytes() == (clean / name).read_bytes()
     assert len(code_samples(out)) == 240
+
+
+def test_eval_recon_report_and_grid(shards, exported, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vtok.cli", "eval", "recon", "--tokenizer", str(exported),
+                           "--data", shards["wds"], "--out", str(tmp_path / "eval"), "--resolution", "32",
+                           "--max-samples", "40", "--batch-size", "16"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "eval" / "recon.json").read_text())
+    assert report["num_images"] == 40 and 0 < report["psnr"] < 60 and -1 <= report["ssim"] <= 1
+    assert len(report["codebooks"]) == 2 and 0 < report["codebooks"][0]["usage"] <= 1
+    assert (tmp_path / "eval" / "recon_grid.png").is_file() and "PSNR" in proc.stdout
+
+
+def test_psnr_and_ssim_reference_values():
+    from vtok.eval.metrics import psnr, ssim
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(ssim(x, x), torch.ones(2)) and (psnr(x, x) > 90).all()
+    y = (x + 0.2).clamp(-1, 1)  # +0.1 on [0, 1] where not clipped
+    mse01 = ((x.clamp(-1, 1) - y) ** 2).mean((1, 2, 3)) / 4
+    torch.testing.assert_close(psnr(x, y), -10 * torch.log10(mse01))
+    assert (ssim(x, torch.rand(2, 3, 32, 32) * 2 - 1) < 0.2).all()

@@ -5,6 +5,7 @@
     vtok train RECIPE [key=value ...]           train (resumes from the run dir's latest checkpoint)
     vtok export RECIPE --out DIR                model.safetensors + config.json for inference
     vtok precompute codes --tokenizer DIR ...   image shards -> code shards (resumable, multi-rank)
+    vtok eval recon --tokenizer DIR ...         PSNR / SSIM / LPIPS / codebook usage + grid
     vtok data synthetic OUT [--format mds]      write the built-in shapes dataset
     vtok data inspect PATH                      shard count, sample count, fields of the first sample
 
@@ -129,6 +130,18 @@ def cmd_precompute_codes(args: argparse.Namespace) -> None:
     print(f"vtok precompute codes: rank {info.rank} wrote {wrote} shards -> {args.out}")
 
 
+def cmd_eval_recon(args: argparse.Namespace) -> None:
+    from vtok.eval.recon import evaluate_recon
+
+    report = evaluate_recon(args.tokenizer, args.data, args.out, data_format=args.format,
+                            resolution=args.resolution, batch_size=args.batch_size,
+                            max_samples=args.max_samples, lpips_vgg=args.lpips_vgg)
+    lp = f", LPIPS {report['lpips']:.4f}" if report["lpips"] is not None else ""
+    usage = ", ".join(f"{c['usage']:.1%}" for c in report["codebooks"])
+    print(f"vtok eval recon: {report['num_images']} images: PSNR {report['psnr']:.2f} dB, "
+          f"SSIM {report['ssim']:.4f}{lp}; codebook usage {usage} -> {args.out}/recon.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vtok", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -174,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     codes.add_argument("--flip", action="store_true", help="also encode the mirrored image (codes (2, ...))")
     codes.add_argument("--batch-size", type=int, default=64)
     codes.set_defaults(func=cmd_precompute_codes)
+
+    ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
+    recon = ev.add_parser("recon", help="PSNR / SSIM / LPIPS / codebook usage of a tokenizer export")
+    recon.add_argument("--tokenizer", required=True, help="a `vtok export` directory")
+    recon.add_argument("--data", required=True, help="eval image shards")
+    recon.add_argument("--format", choices=("wds", "mds"), default="wds")
+    recon.add_argument("--out", required=True, help="report directory (recon.json, recon_grid.png)")
+    recon.add_argument("--resolution", type=int, default=256)
+    recon.add_argument("--batch-size", type=int, default=32)
+    recon.add_argument("--max-samples", type=int, default=0, help="0: the whole set")
+    recon.add_argument("--lpips-vgg", default="", help="torchvision vgg16 weights file for LPIPS")
+    recon.set_defaults(func=cmd_eval_recon)
 
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command",
                                                                             required=True)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vtok.config import RecipeError
+from vtok.eval.metrics import psnr
 from vtok.losses import LPIPS, LeCAM, PatchGANDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from vtok.models.registry import MODELS, build_model
 from vtok.models.tokenizers.fqgan import alignment_loss
@@ -49,12 +50,6 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean PSNR (dB) of images in [-1, 1]."""
-    mse = (x.detach().float().clamp(-1, 1) - y.float()).pow(2).mean((1, 2, 3)) / 4.0  # on [0, 1]
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean()
 
 
 def build_teacher(spec: TeacherSpec) -> nn.Module:
@@ -127,7 +122,7 @@ class FQGANTask(TrainTask):
         rec_img = out.reconstruction
         rec = F.mse_loss(rec_img, x) if cfg.rec_loss == "l2" else F.l1_loss(rec_img, x)
         total = rec + sum(out.quant.losses.values())
-        metrics: dict[str, Any] = {"rec": rec.detach(), "psnr": psnr(rec_img, x),
+        metrics: dict[str, Any] = {"rec": rec.detach(), "psnr": psnr(rec_img, x).mean(),
                                    **{k: v.detach() for k, v in out.quant.losses.items()},
                                    **out.quant.metrics}
         if "lpips" in self.frozen:
