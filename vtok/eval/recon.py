@@ -14,6 +14,7 @@ import torch
 
 from vtok.config import load_recipe
 from vtok.data import build_loader
+from vtok.data.writers import atomic_write_bytes
 from vtok.eval.grid import save_grid
 from vtok.eval.metrics import psnr, ssim
 from vtok.models.quant.base import code_usage
@@ -70,7 +71,5 @@ def evaluate_recon(export_dir: str, data: str, out: str, *, data_format: str = "
     images = torch.stack([img for pair in pairs for img in pair])  # original, reconstruction, ...
     order = [2 * i for i in range(len(pairs))] + [2 * i + 1 for i in range(len(pairs))]
     save_grid(images[order], out_dir / "recon_grid.png", nrow=len(pairs))
-    tmp = out_dir / "recon.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out_dir / "recon.json")
+    atomic_write_bytes(out_dir / "recon.json", json.dumps(report, indent=1).encode())
     return report

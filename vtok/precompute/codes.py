@@ -19,10 +19,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from vtok.data.mds import mds_shard_entries, read_mds_shard
-from vtok.data.schema import from_mds, from_wds
+from vtok.data.shards import ShardSource
 from vtok.data.transforms import BadSample, ImageTransform
-from vtok.data.webdataset import expand_shards, read_tar
 from vtok.data.writers import finalize, shard_name, write_shard
 from vtok.models.registry import build_model
 from vtok.parallel.dist import DistInfo, barrier
@@ -48,19 +46,6 @@ def load_tokenizer(export_dir: str | Path, device: torch.device) -> torch.nn.Mod
     model = build_model(config["arch"], **({} if has_heads else {"align": {}}))
     model.load_state_dict(state)
     return model.to(device).eval()
-
-
-def source_shards(spec: str) -> tuple[str, list[Any]]:
-    """(format, shard handles) of an image shard set: MDS dir with index.json, else WebDataset."""
-    if Path(spec).is_dir() and (Path(spec) / "index.json").is_file():
-        return "mds", mds_shard_entries(spec)
-    return "wds", expand_shards(spec, "--data")
-
-
-def read_shard(fmt: str, spec: str, handle: Any) -> Iterator[dict[str, Any]]:
-    if fmt == "mds":
-        return (from_mds(row) for row in read_mds_shard(spec, handle))
-    return (from_wds(members) for members in read_tar(handle))
 
 
 @torch.no_grad()
@@ -100,17 +85,17 @@ def precompute_codes(export_dir: str, data: str, out: str, info: DistInfo, *, ou
                      progress: bool = True) -> int:
     """Encode every shard of ``data`` into ``out``; returns the number of shards this rank wrote."""
     model = load_tokenizer(export_dir, info.device)
-    fmt, shards = source_shards(data)
-    out_format = out_format or fmt
+    source = ShardSource.open(data)
+    out_format = out_format or source.format
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     transform = ImageTransform(resolution, crop="center", small_images="upscale")
-    mine = [i for i in range(len(shards)) if i % info.world_size == info.rank]
+    mine = [i for i in range(len(source)) if i % info.world_size == info.rank]
     todo = [i for i in mine if not (out_dir / shard_name(out_format, i)).exists()]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", desc=f"codes r{info.rank}",
                disable=not progress, dynamic_ncols=True)
     for i in todo:
-        samples = encode_shard(model, read_shard(fmt, data, shards[i]), transform, flip, batch_size,
+        samples = encode_shard(model, source.read(i), transform, flip, batch_size,
                                info.device)
         write_shard(out_dir, out_format, i, samples)
         bar.update(1)
@@ -121,6 +106,6 @@ def precompute_codes(export_dir: str, data: str, out: str, info: DistInfo, *, ou
                 "vocab_sizes": list(model.vocab_sizes), "flip": flip, "resolution": resolution}
         (out_dir / "codes.json").write_text(json.dumps(meta, indent=1))
         total = finalize(out_dir, out_format)
-        log.info("%s: %d code samples in %d shards", out_dir, total, len(shards))
+        log.info("%s: %d code samples in %d shards", out_dir, total, len(source))
     barrier()
     return len(todo)

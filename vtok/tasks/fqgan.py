@@ -137,7 +137,7 @@ class FQGANTask(TrainTask):
             g = hinge_g_loss(self.modules["disc"](rec_img))
             weight = cfg.gan_weight
             if cfg.adaptive_gan_weight:
-                last = getattr(self.modules["tokenizer"], "module", self.modules["tokenizer"]).decoder.conv_out.weight
+                last = self._tokenizer().decoder.conv_out.weight
                 weight = weight * adaptive_weight(rec, g, last)
             total = total + weight * g
             metrics["gan_g"] = g.detach()
@@ -163,10 +163,14 @@ class FQGANTask(TrainTask):
             metrics["lecam"] = reg.detach()
         return loss, metrics
 
+    def _tokenizer(self) -> nn.Module:
+        """The tokenizer without a DDP wrapper (for its attributes, not for forward)."""
+        return getattr(self.modules["tokenizer"], "module", self.modules["tokenizer"])
+
     def tokens_per_sample(self) -> int:
-        return math.prod(getattr(self.modules["tokenizer"], "module", self.modules["tokenizer"]).token_shape)
+        return math.prod(self._tokenizer().token_shape)
 
     def export_config(self) -> dict[str, Any]:
-        tok = getattr(self.modules["tokenizer"], "module", self.modules["tokenizer"])
+        tok = self._tokenizer()
         return {"arch": self.cfg.arch, "token_shape": list(tok.token_shape),
                 "vocab_sizes": list(tok.vocab_sizes)}

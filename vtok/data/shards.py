@@ -1,0 +1,39 @@
+"""Shard-by-shard reading of either format, as schema samples (for offline jobs, not training).
+
+    source = ShardSource.open("data/in1k_mds")      # MDS dir with index.json, else WebDataset spec
+    for sample in source.read(3): ...               # schema samples of shard 3, in stored order
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from vtok.data.mds import mds_shard_entries, read_mds_shard
+from vtok.data.schema import from_mds, from_wds
+from vtok.data.webdataset import expand_shards, read_tar
+
+
+@dataclass
+class ShardSource:
+    """The shards of one shard set: ``handles`` are tar URLs (wds) or index entries (mds)."""
+
+    format: str
+    spec: str
+    handles: list[Any]
+
+    @classmethod
+    def open(cls, spec: str, setting: str = "--data") -> "ShardSource":
+        """A directory with an MDS ``index.json`` is MDS; anything else is a WebDataset spec."""
+        if Path(spec).is_dir() and (Path(spec) / "index.json").is_file():
+            return cls("mds", spec, mds_shard_entries(spec))
+        return cls("wds", spec, expand_shards(spec, setting))
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def read(self, index: int) -> Iterator[dict[str, Any]]:
+        """Schema samples (all fields present) of shard ``index``."""
+        if self.format == "mds":
+            return (from_mds(row) for row in read_mds_shard(self.spec, self.handles[index]))
+        return (from_wds(members) for members in read_tar(self.handles[index]))
