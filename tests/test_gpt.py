@@ -1,0 +1,151 @@
+"""GPT / FAR generators: published sizes, KV-cache decoding, causality, the FAR head's sub-code
+order, guidance and seeded sampling."""
+import pytest
+import torch
+
+from vtok.models.generators import GPT, GPTConfig, filter_logits, guidance_at, sample_logits
+from vtok.models.layers import KVCache, rope_2d
+from vtok.models.registry import MODELS, build_model
+
+GENERATORS = [n for n, e in MODELS.items() if e.kind == "generator"]
+
+
+@pytest.mark.parametrize("name", [n for n in GENERATORS if "tiny" not in n])
+def test_full_size_builds_on_meta_with_published_count(name):
+    with torch.device("meta"):
+        model = build_model(name)
+    count = sum(p.numel() for p in model.parameters())
+    expected = MODELS[name].params
+    assert abs(count - expected) / expected < 0.02, f"{name}: {count:,} vs published {expected:,}"
+
+
+def tiny(k: int = 1, **over) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(depth=2, dim=32, heads=4, vocab_sizes=(11,) * k, token_shape=(3, 4), num_classes=5,
+               head_layers=1 if k > 1 else 0, dropout=0.0, token_dropout=0.0)
+    model = GPT(GPTConfig(**{**cfg, **over})).eval()
+    for out in model.out:  # zero-initialised: give the outputs something to say
+        torch.nn.init.normal_(out.weight, std=0.5)
+    return model
+
+
+def random_codes(model: GPT, b: int = 3) -> torch.Tensor:
+    return torch.randint(0, 11, (b, model.num_codebooks, *model.cfg.token_shape))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_kv_cache_decoding_matches_full_forward(k):
+    model = tiny(k)
+    codes, labels = random_codes(model), torch.tensor([0, 3, 4])
+    full = model(codes, labels)  # teacher-forced logits at every position
+    flat = codes.flatten(2)
+    caches = [KVCache(3, 4, model.seq_len, 8, torch.float32, "cpu") for _ in model.layers]
+    new = model.embed_labels(labels)
+    for t in range(model.seq_len):
+        h = model.trunk(new, start=t, caches=caches)
+        step = model.head_logits(h, flat[:, :, t:t + 1])
+        for j in range(k):
+            torch.testing.assert_close(step[j][:, 0], full[j][:, t], atol=1e-5, rtol=1e-5)
+        new = model.embed_codes(flat[:, :, t:t + 1])
+    # a multi-token chunk after a cached prefix (offset causal mask) agrees too
+    caches = [KVCache(3, 4, model.seq_len, 8, torch.float32, "cpu") for _ in model.layers]
+    x = torch.cat([model.embed_labels(labels), model.embed_codes(flat[:, :, :-1])], 1)
+    a = model.trunk(x[:, :5], start=0, caches=caches)
+    b = model.trunk(x[:, 5:], start=5, caches=caches)
+    torch.testing.assert_close(torch.cat([a, b], 1), model.trunk(x), atol=1e-5, rtol=1e-5)
+
+
+def test_causality_later_tokens_do_not_change_earlier_logits():
+    model = tiny(2)
+    codes, labels = random_codes(model), torch.tensor([1, 2, 3])
+    before = model(codes, labels)
+    changed = codes.clone().flatten(2)
+    changed[:, :, 7:] = (changed[:, :, 7:] + 1) % 11
+    after = model(changed.view_as(codes), labels)
+    for j in range(2):
+        # the logits for token t depend on tokens < t only: positions < 7 are unchanged
+        torch.testing.assert_close(before[j][:, :7], after[j][:, :7])
+        assert not torch.allclose(before[j][:, 8:], after[j][:, 8:])
+    # at position 7 the first sub-code sees nothing of token 7; the second sees its first sub-code
+    torch.testing.assert_close(before[0][:, 7], after[0][:, 7])
+    assert not torch.allclose(before[1][:, 7], after[1][:, 7])
+
+
+def test_far_head_predicts_sub_codes_in_order():
+    model = tiny(3)
+    codes, labels = random_codes(model), torch.tensor([1, 2, 3])
+    flat = codes.flatten(2)
+    base = model(codes, labels)
+    for j in range(3):  # change sub-code j at every position (and keep the trunk input fixed)
+        h = model.trunk(torch.cat([model.embed_labels(labels), model.embed_codes(flat[:, :, :-1])], 1))
+        changed = flat.clone()
+        changed[:, j] = (changed[:, j] + 1) % 11
+        got = model.head_logits(h, changed)
+        ref = model.head_logits(h, flat)
+        for i in range(3):
+            if i <= j:  # sub-codes up to j do not see sub-code j of the same position
+                torch.testing.assert_close(got[i], ref[i])
+            else:
+                assert not torch.allclose(got[i], ref[i])
+        torch.testing.assert_close(ref[0], base[0])
+
+
+def test_guidance_one_equals_plain_conditional_sampling_and_seeds_reproduce():
+    model = tiny(2)
+    labels = torch.tensor([0, 4])
+
+    def gen(seed, **kw):
+        return model.generate(labels, generator=torch.Generator().manual_seed(seed), **kw)
+
+    cached = gen(7, guidance=1.0, top_k=5)
+    plain = gen(7, guidance=1.0, top_k=5, use_cache=False)  # recompute the prefix every step
+    assert torch.equal(cached, plain)
+    assert cached.shape == (2, 2, 3, 4) and int(cached.max()) < 11
+    assert torch.equal(gen(7, guidance=3.0), gen(7, guidance=3.0))
+    assert not torch.equal(gen(7, guidance=3.0), gen(8, guidance=3.0))
+    greedy = model.generate(labels, temperature=0)
+    assert torch.equal(greedy, model.generate(labels, temperature=0))
+
+
+def test_guided_logits_are_u_plus_s_times_c_minus_u():
+    model = tiny(1)
+    labels = torch.tensor([2])
+    cond = model(torch.zeros(1, 1, 3, 4, dtype=torch.long), labels)[0][:, 0]
+    uncond = model(torch.zeros(1, 1, 3, 4, dtype=torch.long), torch.tensor([model.null_class]))[0][:, 0]
+    mixed = uncond + 4.0 * (cond - uncond)
+    first = model.generate(labels, guidance=4.0, temperature=0)[0, 0, 0, 0]
+    assert int(first) == int(mixed.argmax())
+
+
+def test_class_dropout_and_shape_errors():
+    model = tiny(1, class_dropout=1.0).train()
+    emb = model.embed_labels(torch.tensor([1, 2]), drop=True)
+    torch.testing.assert_close(emb, model.cls_embed.weight[model.null_class].expand(2, 1, -1))
+    with pytest.raises(ValueError, match="built for \\(1, 3, 4\\)"):
+        model(torch.zeros(1, 1, 4, 4, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match="head_layers"):
+        GPTConfig(vocab_sizes=(4, 4), head_layers=0)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    # probs ~ .64 .24 .09 .03: top_p .8 keeps the first two
+    assert torch.isinf(filter_logits(logits, top_p=0.8)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True]]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_logits(logits, 1.0, top_k=2, generator=g) for _ in range(200)])
+    assert set(draws.flatten().tolist()) == {0, 1}
+    assert guidance_at(4.0, "linear", 0, 10) == 1.0 and guidance_at(4.0, "linear", 9, 10) == 4.0
+    with pytest.raises(ValueError, match="schedule"):
+        guidance_at(4.0, "cosine", 0, 10)
+
+
+def test_rope_2d_rotates_rows_and_columns_separately():
+    table = rope_2d(2, 3, head_dim=8, prefix=1)
+    assert table.shape == (7, 4, 2)
+    torch.testing.assert_close(table[0], torch.tensor([[1.0, 0.0]] * 4))  # prefix: identity
+    # position (0, c): the row pairs (first half) are unrotated, the column pairs rotate with c
+    assert torch.allclose(table[1 + 2, :2, 0], torch.ones(2))
+    assert not torch.allclose(table[1 + 2, 2:, 0], torch.ones(2))
+    assert torch.allclose(table[1 + 3, 2:, 0], torch.ones(2))  # position (1, 0)
