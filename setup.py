@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "timm>=1.0",
     "tensorboard>=2.14",
     "lpips>=0.1.4",  # only for its shipped VGG linear-head weights (7 KB); vtok computes LPIPS itself
+    "torch-fidelity>=0.3,<0.5",  # the FID Inception-v3 port (weights read by vtok, without pickle)
 ]
 
 EXTRAS = {

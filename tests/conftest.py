@@ -23,6 +23,22 @@ def shards(tmp_path_factory) -> dict[str, str]:
     return out
 
 
+@pytest.fixture(scope="session")
+def exported(shards, tmp_path_factory):
+    """A smoke FQGAN-Dual trained for 2 steps at 32 px and exported: (dir with config.json + weights)."""
+    from vtok.train import Trainer
+
+    tmp = tmp_path_factory.mktemp("tok")
+    recipe = load_recipe(ROOT / "recipes" / "smoke" / "fqgan_dual.yaml", [
+        f"data.train_shards={shards['wds']}", "data.resolution=32", "data.batch_size=8",
+        "data.num_workers=0", f"run_dir={tmp / 'run'}", "train.steps=2", "log.progress=false",
+        "log.tensorboard=false"])
+    trainer = Trainer(recipe)
+    trainer.fit()
+    trainer.export(tmp / "export")
+    return tmp / "export"
+
+
 def data_recipe(fmt: str, path: str, *overrides: str):
     """A recipe reading ``path`` at 32 px with small batches."""
     return load_recipe(None, [f"data.format={fmt}", f"data.train_shards={path}", "data.resolution=32",

@@ -39,7 +39,7 @@ def test_kv_cache_decoding_matches_full_forward(k):
     codes, labels = random_codes(model), torch.tensor([0, 3, 4])
     full = model(codes, labels)  # teacher-forced logits at every position
     flat = codes.flatten(2)
-    caches = [KVCache(3, 4, model.seq_len, 8, torch.float32, "cpu") for _ in model.layers]
+    caches = [KVCache(model.seq_len) for _ in model.layers]
     new = model.embed_labels(labels)
     for t in range(model.seq_len):
         h = model.trunk(new, start=t, caches=caches)
@@ -48,7 +48,7 @@ def test_kv_cache_decoding_matches_full_forward(k):
             torch.testing.assert_close(step[j][:, 0], full[j][:, t], atol=1e-5, rtol=1e-5)
         new = model.embed_codes(flat[:, :, t:t + 1])
     # a multi-token chunk after a cached prefix (offset causal mask) agrees too
-    caches = [KVCache(3, 4, model.seq_len, 8, torch.float32, "cpu") for _ in model.layers]
+    caches = [KVCache(model.seq_len) for _ in model.layers]
     x = torch.cat([model.embed_labels(labels), model.embed_codes(flat[:, :, :-1])], 1)
     a = model.trunk(x[:, :5], start=0, caches=caches)
     b = model.trunk(x[:, 5:], start=5, caches=caches)

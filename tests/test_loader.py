@@ -1,5 +1,4 @@
 """Splitting, shuffling, resume and bad-data policy of the loader, for both formats."""
-import shutil
 from collections import Counter
 from itertools import islice
 from pathlib import Path

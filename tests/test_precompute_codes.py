@@ -10,24 +10,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from vtok.config import load_recipe
 from vtok.data.schema import from_wds
 from vtok.data.webdataset import read_tar
 from vtok.precompute.codes import load_tokenizer
-from vtok.train import Trainer
-
-
-@pytest.fixture(scope="module")
-def exported(shards, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tok")
-    recipe = load_recipe(ROOT / "recipes" / "smoke" / "fqgan_dual.yaml", [
-        f"data.train_shards={shards['wds']}", "data.resolution=32", "data.batch_size=8",
-        "data.num_workers=0", f"run_dir={tmp / 'run'}", "train.steps=2", "log.progress=false",
-        "log.tensorboard=false"])
-    trainer = Trainer(recipe)
-    trainer.fit()
-    trainer.export(tmp / "export")
-    return tmp / "export"
 
 
 def run_codes(*args):

@@ -36,17 +36,6 @@ def run_vtok(*args, cwd=None):
                           text=True, timeout=300, cwd=cwd)
 
 
-def test_demo_writes_both_formats_and_streams_them_back(tmp_path):
-    proc = run_vtok("demo", "--out", tmp_path / "demo", "--num-samples", 96, "--samples-per-shard", 16,
-                    "--resolution", 32, "--batch-size", 16)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("96 samples in") == 2 and "img/s" in proc.stdout
-    assert (tmp_path / "demo" / "samples.png").is_file()
-    again = run_vtok("demo", "--out", tmp_path / "demo", "--num-samples", 96, "--samples-per-shard", 16,
-                     "--resolution", 32)
-    assert again.returncode == 0 and again.stdout.count("6 already done") == 2
-
-
 def test_data_commands_and_info(tmp_path):
     out = tmp_path / "syn"
     assert run_vtok("data", "synthetic", out, "--num-samples", 10, "--samples-per-shard", 5,

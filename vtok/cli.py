@@ -1,11 +1,13 @@
 """The ``vtok`` command line.
 
-    vtok demo [--out DIR]                       synthetic shards -> loader -> counts, throughput, grid
+    vtok demo [--out DIR]                       synthetic shapes -> FQGAN -> codes -> FAR -> sample grid
     vtok info RECIPE [key=value ...]            print the resolved recipe
     vtok train RECIPE [key=value ...]           train (resumes from the run dir's latest checkpoint)
     vtok export RECIPE --out DIR                model.safetensors + config.json for inference
     vtok precompute codes --tokenizer DIR ...   image shards -> code shards (resumable, multi-rank)
-    vtok eval recon --tokenizer DIR ...         PSNR / SSIM / LPIPS / codebook usage + grid
+    vtok sample --generator DIR --tokenizer DIR class-conditional samples (KV cache, CFG) -> grid / npz
+    vtok eval recon --tokenizer DIR ...         PSNR / SSIM / LPIPS / rFID / codebook usage + grid
+    vtok eval gen --samples NPZ ...             gFID + Inception Score of generated samples
     vtok data synthetic OUT [--format mds]      write the built-in shapes dataset
     vtok data inspect PATH                      shard count, sample count, fields of the first sample
 
@@ -17,14 +19,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
-from pathlib import Path
 
 from vtok.config import RecipeError, load_recipe, recipe_to_yaml
 from vtok.data.schema import SchemaError
 from vtok.data.transforms import DataError
+from vtok.eval import EvalError
+from vtok.eval.inception import WEIGHTS_FILE as INCEPTION_FILE, WEIGHTS_URL as INCEPTION_URL
 
-USER_ERRORS = (RecipeError, DataError, SchemaError, FileNotFoundError)
+USER_ERRORS = (RecipeError, DataError, SchemaError, FileNotFoundError, EvalError)
+CACHE_HELP = "reference-statistics cache (default: $VTOK_CACHE_DIR/fid, else ~/.cache/vtok/fid)"
 
 
 def _training_errors() -> tuple[type[Exception], ...]:
@@ -82,42 +85,26 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(describe(args.path))
 
 
-def measure_loader(data_overrides: list[str], epochs: int = 1) -> tuple[int, float, object]:
-    """Stream the loader built from ``data_overrides``; returns (samples, seconds, last batch)."""
-    from vtok.data import build_loader
-
-    recipe = load_recipe(None, data_overrides)
-    loader = build_loader(recipe.data, seed=recipe.seed)
-    count, batch, start = 0, None, time.perf_counter()
-    for _ in range(epochs):
-        for batch in loader:
-            count += len(batch["__key__"])
-    return count, time.perf_counter() - start, batch
-
-
 def cmd_demo(args: argparse.Namespace) -> None:
-    from vtok.data.synthetic import write_synthetic
-    from vtok.eval.grid import save_grid
+    from vtok.demo import DemoOptions, run_demo
 
-    out = Path(args.out)
-    print(f"vtok demo: {args.num_samples} synthetic {args.resolution}px samples -> {out}/")
-    for fmt in ("wds", "mds"):
-        summary = write_synthetic(out / fmt, fmt, args.num_samples, args.samples_per_shard,
-                                  args.resolution, seed=0, workers=args.workers)
-        print(f"  {fmt}: {summary}")
-    print(f"streaming both formats back ({args.workers} workers, batch {args.batch_size}):")
-    for fmt in ("wds", "mds"):
-        overrides = [f"data.format={fmt}", f"data.train_shards={out / fmt}",
-                     f"data.resolution={args.resolution}", f"data.num_workers={args.workers}",
-                     f"data.batch_size={args.batch_size}", "data.fields=[image,cls,caption]"]
-        count, seconds, batch = measure_loader(overrides)
-        print(f"  {fmt}: {count} samples in {seconds:.2f}s = {count / seconds:,.0f} img/s; "
-              f"image {tuple(batch['image'].shape[1:])}, e.g. cls {int(batch['cls'][0])}: "
-              f"'{batch['caption'][0]}'")
-        if count != args.num_samples:
-            raise DataError(f"{fmt}: read {count} samples, expected {args.num_samples}")
-    grid = save_grid(batch["image"][:16], out / "samples.png", nrow=4)
-    print(f"sample grid: {grid}")
+    run_demo(DemoOptions(out=args.out, num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
+                         resolution=args.resolution, workers=args.workers, tokenizer_steps=args.tokenizer_steps,
+                         generator_steps=args.generator_steps, per_class=args.per_class,
+                         guidance=args.guidance, seed=args.seed))
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from vtok.eval.sample import SampleOptions, run_sample
+
+    opts = SampleOptions(guidance=args.guidance, guidance_schedule=args.guidance_schedule,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         batch_size=args.batch_size, dtype=args.dtype)
+    s = run_sample(args.generator, args.tokenizer, args.out, opts, classes=args.classes,
+                   per_class=args.per_class, npz=args.npz)
+    extra = f" + {s['npz']}" if args.npz else ""
+    print(f"vtok sample: {s['num_images']} images in {s['seconds']:.1f}s ({s['images_per_s']:.2f} img/s) "
+          f"-> {s['grid']}{extra}")
 
 
 def cmd_precompute_codes(args: argparse.Namespace) -> None:
@@ -135,11 +122,27 @@ def cmd_eval_recon(args: argparse.Namespace) -> None:
 
     report = evaluate_recon(args.tokenizer, args.data, args.out, data_format=args.format,
                             resolution=args.resolution, batch_size=args.batch_size,
-                            max_samples=args.max_samples, lpips_vgg=args.lpips_vgg)
+                            max_samples=args.max_samples, lpips_vgg=args.lpips_vgg,
+                            inception=args.inception, cache_dir=args.cache_dir or None)
     lp = f", LPIPS {report['lpips']:.4f}" if report["lpips"] is not None else ""
+    fid = f", rFID {report['rfid']:.3f}" if report["rfid"] is not None else ""
     usage = ", ".join(f"{c['usage']:.1%}" for c in report["codebooks"])
     print(f"vtok eval recon: {report['num_images']} images: PSNR {report['psnr']:.2f} dB, "
-          f"SSIM {report['ssim']:.4f}{lp}; codebook usage {usage} -> {args.out}/recon.json")
+          f"SSIM {report['ssim']:.4f}{lp}{fid}; codebook usage {usage} -> {args.out}/recon.json")
+    if report["rfid"] is None:
+        print(f"  rFID not computed: pass --inception {INCEPTION_FILE} (from {INCEPTION_URL})")
+
+
+def cmd_eval_gen(args: argparse.Namespace) -> None:
+    from vtok.eval.gen import evaluate_gen
+
+    report = evaluate_gen(args.samples, args.out, inception=args.inception, ref=args.ref,
+                          ref_stats=args.ref_stats, data_format=args.format, resolution=args.resolution,
+                          batch_size=args.batch_size, max_ref=args.max_ref, cache_dir=args.cache_dir or None)
+    ref = report["num_ref"] or "precomputed"
+    print(f"vtok eval gen: {report['num_samples']} samples vs {ref} reference images: "
+          f"gFID {report['gfid']:.3f}, IS {report['inception_score']:.2f} +- {report['inception_score_std']:.2f}"
+          f" -> {args.out}/gen.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,13 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the built-in end-to-end demo on synthetic shapes")
+    demo = sub.add_parser("demo", help="the whole pipeline on built-in synthetic shapes: shards -> FQGAN "
+                          "-> codes -> FAR -> samples (resumable)")
     demo.add_argument("--out", default="vtok_demo", help="output directory (default: vtok_demo)")
-    demo.add_argument("--num-samples", type=int, default=2048)
+    demo.add_argument("--num-samples", type=int, default=2048, help="training images")
     demo.add_argument("--samples-per-shard", type=int, default=128)
-    demo.add_argument("--resolution", type=int, default=64)
-    demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--resolution", type=int, default=32)
+    demo.add_argument("--workers", type=int, default=2, help="data loader workers")
+    demo.add_argument("--tokenizer-steps", type=int, default=500)
+    demo.add_argument("--generator-steps", type=int, default=600)
+    demo.add_argument("--per-class", type=int, default=4, help="samples per class (24 classes)")
+    demo.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
     info = sub.add_parser("info", help="print a recipe resolved with its includes and overrides")
@@ -188,6 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     codes.add_argument("--batch-size", type=int, default=64)
     codes.set_defaults(func=cmd_precompute_codes)
 
+    smp = sub.add_parser("sample", help="class-conditional images from a generator export + its tokenizer")
+    smp.add_argument("--generator", required=True, help="`vtok export` dir of a gpt / far run")
+    smp.add_argument("--tokenizer", required=True, help="`vtok export` dir of the tokenizer of its codes")
+    smp.add_argument("--out", required=True, help="output dir (samples.png, samples.npz)")
+    smp.add_argument("--classes", default="", help="comma-separated class ids (default: all)")
+    smp.add_argument("--per-class", type=int, default=4)
+    smp.add_argument("--guidance", type=float, default=2.0, help="CFG scale; 1 disables guidance")
+    smp.add_argument("--guidance-schedule", choices=("constant", "linear"), default="constant")
+    smp.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    smp.add_argument("--top-k", type=int, default=0, help="0: off")
+    smp.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    smp.add_argument("--seed", type=int, default=0, help="batch i uses seed + i")
+    smp.add_argument("--batch-size", type=int, default=32)
+    smp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    smp.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0 uint8 NHWC) for eval gen")
+    smp.set_defaults(func=cmd_sample)
+
     ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
     recon = ev.add_parser("recon", help="PSNR / SSIM / LPIPS / codebook usage of a tokenizer export")
     recon.add_argument("--tokenizer", required=True, help="a `vtok export` directory")
@@ -198,7 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--batch-size", type=int, default=32)
     recon.add_argument("--max-samples", type=int, default=0, help="0: the whole set")
     recon.add_argument("--lpips-vgg", default="", help="torchvision vgg16 weights file for LPIPS")
+    recon.add_argument("--inception", default="", help=f"FID Inception weights ({INCEPTION_FILE}) for rFID")
+    recon.add_argument("--cache-dir", default="", help=CACHE_HELP)
     recon.set_defaults(func=cmd_eval_recon)
+    gen = ev.add_parser("gen", help="gFID / Inception Score of generated samples (ADM .npz)")
+    gen.add_argument("--samples", required=True, help=".npz whose arr_0 is uint8 (N, H, W, 3)")
+    refs = gen.add_mutually_exclusive_group(required=True)
+    refs.add_argument("--ref", default="", help="reference image shards (statistics are cached)")
+    refs.add_argument("--ref-stats", default="", help="precomputed reference .npz with mu, sigma")
+    gen.add_argument("--format", choices=("wds", "mds"), default="wds", help="format of --ref")
+    gen.add_argument("--inception", required=True, help=f"FID Inception weights ({INCEPTION_FILE})")
+    gen.add_argument("--out", required=True, help="report directory (gen.json)")
+    gen.add_argument("--resolution", type=int, default=256, help="center-crop size of the reference images")
+    gen.add_argument("--batch-size", type=int, default=64)
+    gen.add_argument("--max-ref", type=int, default=0, help="reference images to use; 0: all")
+    gen.add_argument("--cache-dir", default="", help=CACHE_HELP)
+    gen.set_defaults(func=cmd_eval_gen)
 
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command",
                                                                             required=True)

@@ -19,6 +19,7 @@ import random
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from vtok.data.writers import WriteSummary, write_shards
@@ -126,3 +127,26 @@ def write_synthetic(out_dir: str | Path, fmt: str = "wds", num_samples: int = 20
                                 resolution=resolution, seed=seed, image_format=image_format)
     return write_shards(out_dir, fmt, num_shards, produce, workers=workers, progress=progress,
                         desc=f"synthetic -> {fmt}")
+
+
+def dominant_colour(images: np.ndarray, min_saturation: int = 90) -> np.ndarray:
+    """Index into ``COLORS`` of each image's shape colour, or -1 when no pixel is saturated enough.
+
+    images: uint8 (N, H, W, 3). The backgrounds are pale (max - min channel <= ~50) and the shape
+    colours saturated (>= 130), so the mean of the saturated pixels is the shape's colour; the
+    nearest palette entry names it. It is the class-faithfulness statistic of ``vtok demo``."""
+    palette = np.array(list(COLORS.values()), dtype=np.float32)  # (C, 3)
+    x = images.astype(np.float32)
+    sat = x.max(-1) - x.min(-1)  # (N, H, W)
+    out = np.full(len(x), -1, dtype=np.int64)
+    for i, (img, s) in enumerate(zip(x, sat)):
+        mask = s >= min_saturation
+        if mask.sum() >= 4:
+            mean = img[mask].mean(0)
+            out[i] = int(((palette - mean) ** 2).sum(-1).argmin())
+    return out
+
+
+def colour_of_class(cls: np.ndarray) -> np.ndarray:
+    """The ``COLORS`` index of class ids (class = shape * len(COLORS) + colour)."""
+    return cls % len(COLORS)

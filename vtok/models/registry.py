@@ -47,7 +47,7 @@ def generator(build: Callable[..., nn.Module], params: int | None, source: str =
     return Entry(build, params, source, kind="generator")
 
 
-TINY_GPT = dict(depth=2, dim=64, heads=4, token_shape=(8, 8), num_classes=24)
+TINY_GPT = dict(depth=4, dim=128, heads=4, token_shape=(8, 8), num_classes=24)
 
 MODELS: dict[str, Entry] = {
     "vqgan-f16": Entry(fqgan(F16, 1, {}), 71_883_403, "LlamaGen VQ-16"),

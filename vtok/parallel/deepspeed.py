@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from vtok.config.schema import OptimConfig
 from vtok.parallel.strategy import Strategy, apply_activation_checkpointing, zero_loss

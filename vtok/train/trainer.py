@@ -9,7 +9,6 @@ skips that phase's step on every rank; ``train.max_bad_steps`` of them in a row 
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import logging

@@ -144,7 +144,11 @@ class GPT(nn.Module):
 
     def loss(self, codes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean of the k sub-code cross-entropies (FAR), and per-codebook loss / accuracy."""
-        logits = self(codes, labels)
+        return self.loss_from_logits(self(codes, labels), codes)
+
+    def loss_from_logits(self, logits: list[torch.Tensor], codes: torch.Tensor
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``loss`` given ``forward``'s logits (for callers that run forward through a wrapper)."""
         flat = self._flat(codes)
         losses, metrics = [], {}
         for j, lg in enumerate(logits):
@@ -178,9 +182,7 @@ class GPT(nn.Module):
         b, k, length = labels.shape[0], self.num_codebooks, self.seq_len
         cfg = guidance != 1.0
         rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if cfg else labels
-        param = self.cls_embed.weight
-        caches = [KVCache(len(rows), self.cfg.heads, length, self.cfg.dim // self.cfg.heads, param.dtype,
-                          param.device) for _ in self.layers] if use_cache else None
+        caches = [KVCache(length) for _ in self.layers] if use_cache else None
         out = torch.zeros(b, k, length, dtype=torch.long, device=labels.device)
         new = self.embed_labels(rows)  # (R, 1, D): the inputs not yet seen by the trunk
         seen = new

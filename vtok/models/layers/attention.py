@@ -11,20 +11,22 @@ from vtok.models.layers.rope import apply_rope
 
 
 class KVCache:
-    """Pre-allocated keys and values of one attention layer: (B, heads, max_len, head_dim) each.
+    """Keys and values of one attention layer for up to ``max_len`` positions, allocated on the
+    first ``append`` with that call's batch, heads, head dim, dtype and device:
+    (B, heads, max_len, head_dim) each. ``append`` returns views of everything cached so far."""
 
-    ``append`` writes the new positions and returns views of everything cached so far."""
-
-    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        self.k = torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0
+    def __init__(self, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            self.k = k.new_zeros(*k.shape[:2], self.max_len, k.shape[3])
+            self.v = v.new_zeros(*v.shape[:2], self.max_len, v.shape[3])
         start, end = self.length, self.length + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} requested")
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.length = end

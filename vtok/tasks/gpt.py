@@ -1,0 +1,92 @@
+"""Autoregressive generator training (LlamaGen GPT, FQGAN FAR) on code shards.
+
+The code shards come from ``vtok precompute codes``: per sample ``codes`` (k, *grid), or
+(2, k, *grid) with ``--flip`` (one of the two is drawn per sample and step, LlamaGen's augmentation),
+and ``cls``. The generator is sized from the shards' ``codes.json`` (``token_shape``, ``vocab_sizes``),
+so it never imports the tokenizer. Loss: cross-entropy of the next token (FAR: the mean over the k
+sub-codes).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vtok.config import RecipeError
+from vtok.models.registry import MODELS, build_model
+from vtok.train.task import TrainTask, register_task
+
+
+def find_codes_meta(shards: str, explicit: str = "") -> dict[str, Any]:
+    """The ``codes.json`` written beside code shards (``explicit`` path, else the shard directory)."""
+    if explicit:
+        path = Path(explicit)
+    else:
+        first = Path(shards.split("::")[0].split("{")[0])
+        path = (first if first.is_dir() else first.parent) / "codes.json"
+    if not path.is_file():
+        raise RecipeError(f"{path} not found: point data.train_shards at the output of `vtok precompute "
+                          "codes`, or set model.codes_meta=PATH/codes.json")
+    return json.loads(path.read_text())
+
+
+@register_task("gpt")
+class GPTTask(TrainTask):
+    @dataclass
+    class Config:
+        arch: str = "gpt-b"  # a generator in vtok.models.registry (gpt-*, far-*)
+        codes_meta: str = ""  # codes.json of the code shards (default: beside data.train_shards)
+        num_classes: int = 1000
+        class_dropout: float = 0.1  # LlamaGen: condition dropout for classifier-free guidance
+        token_dropout: float = 0.1
+        dropout: float = 0.1
+
+    def __init__(self, cfg: "GPTTask.Config", recipe):
+        if cfg.arch not in MODELS or MODELS[cfg.arch].kind != "generator":
+            known = ", ".join(n for n, e in MODELS.items() if e.kind == "generator")
+            raise RecipeError(f"model.arch={cfg.arch!r} is not a registered generator; known: {known}")
+        meta = find_codes_meta(recipe.data.train_shards, cfg.codes_meta)
+        shape = [int(s) for s in meta["token_shape"]]  # (k, *grid)
+        k = len(meta["vocab_sizes"])
+        self.cfg = cfg
+        self.build_kwargs = dict(vocab_sizes=tuple(meta["vocab_sizes"]), token_shape=tuple(shape[1:]),
+                                 num_classes=cfg.num_classes, class_dropout=cfg.class_dropout,
+                                 token_dropout=cfg.token_dropout, dropout=cfg.dropout)
+        with torch.device("meta"):
+            heads = build_model(cfg.arch).num_codebooks
+        if heads != k:
+            raise RecipeError(f"model.arch={cfg.arch} predicts {heads} sub-code(s) per token but the codes "
+                              f"have {k}; pick a {'far-*' if k > 1 else 'gpt-*'} size")
+        model = build_model(cfg.arch, **self.build_kwargs)
+        self.token_shape = tuple(shape)
+        self.modules = {"gpt": model}
+        self.optimizers = {"main": ["gpt"]}
+        self.ema_modules = ("gpt",)
+        self._params = sum(p.numel() for p in model.parameters())
+
+    def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        codes, labels = batch["codes"], batch["cls"]
+        if codes.dim() == len(self.token_shape) + 2:  # (B, 2, k, *grid): image and mirror
+            pick = torch.randint(0, codes.shape[1], (codes.shape[0],), device=codes.device)
+            codes = codes[torch.arange(codes.shape[0], device=codes.device), pick]
+        if labels.numel() and int(labels.max()) >= self.cfg.num_classes:
+            raise RecipeError(f"class id {int(labels.max())} in the data >= model.num_classes="
+                              f"{self.cfg.num_classes}; raise model.num_classes")
+        model = self.modules["gpt"]
+        inner = getattr(model, "module", model)
+        logits = model(codes, labels)
+        return inner.loss_from_logits(logits, codes)
+
+    def tokens_per_sample(self) -> int:
+        return math.prod(self.token_shape[1:])
+
+    def flops_per_sample(self) -> float:
+        return 6.0 * self._params * self.tokens_per_sample()  # dense estimate, attention excluded
+
+    def export_config(self) -> dict[str, Any]:
+        return {"arch": self.cfg.arch, "kind": "generator", "gpt": {**self.build_kwargs},
+                "token_shape": list(self.token_shape), "vocab_sizes": list(self.build_kwargs["vocab_sizes"])}
