@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--k", type=int, default=1, help="sub-codebooks (2: FAR head)")
     p.add_argument("--grid", type=int, default=16, help="token grid side (16: 256 tokens)")
+    p.add_argument("--batches", default="1,16", help="generation batch sizes")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
@@ -82,7 +83,7 @@ def main() -> None:
     print(f"GPT dim {args.dim} depth {args.depth} k {args.k}: {n / 1e6:.1f}M params, {model.seq_len} tokens, "
           f"{args.device}, {torch.get_num_threads()} threads")
     print("generation (tokens/s): batch | recompute prefix | KV cache | ratio")
-    for batch in (1, 16):
+    for batch in map(int, args.batches.split(",")):
         base = generation(args, model, batch, use_cache=False)
         cached = generation(args, model, batch, use_cache=True)
         print(f"  {batch:>5} | {base:>16,.0f} | {cached:>8,.0f} | {cached / base:.2f}x")

@@ -166,7 +166,7 @@ class GPT(nn.Module):
         return codes.flatten(2).long()
 
     # -- sampling ----------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, labels: torch.Tensor, *, guidance: float = 1.0, guidance_schedule: str = "constant",
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:

@@ -57,9 +57,12 @@ class Attention(nn.Module):
         """``rope``: (N, head_dim // 2, 2) rows for these N positions; ``causal``: each position sees
         itself and earlier ones (with a ``cache``, earlier includes everything cached)."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k = apply_rope(qkv[:2], rope).unbind(0)  # queries and keys in one call
+            v = qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)
         is_causal = causal and mask is None
         if cache is not None:
             k, v = cache.append(k, v)

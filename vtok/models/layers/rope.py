@@ -50,7 +50,7 @@ def rope_for_shape(shape: tuple[int, ...], head_dim: int, base: float = 10000.0,
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, heads, N, head_dim) by ``table`` (N, head_dim // 2, 2), in fp32."""
+    """Rotate ``x`` (..., N, head_dim) by ``table`` (N, head_dim // 2, 2), in fp32."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, N, P, 2)
     cos, sin = table[..., 0].to(x.device), table[..., 1].to(x.device)  # (N, P)
     a, b = pairs[..., 0], pairs[..., 1]
