@@ -26,6 +26,8 @@ def test_demo_pipeline_learns_class_conditional_shapes(tmp_path):
     for name in ("samples.png", "recon_grid.png", "samples.npz", "recon.json"):
         assert (out / name).is_file(), name
     assert str(out / "samples.png") in proc.stdout  # it says where the pictures are
+    grids = sorted((out / "runs" / "generator" / "samples").glob("step_*.png"))  # eval_every grids
+    assert [p.name for p in grids] == ["step_000000200.png", "step_000000400.png", "step_000000600.png"]
     assert report["tokenizer"]["psnr"] > 17.0  # measured 19.95 dB on the held-out shapes
     assert min(c["usage"] for c in report["tokenizer"]["codebooks"]) > 0.5
     samples = report["samples"]

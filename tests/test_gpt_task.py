@@ -77,10 +77,15 @@ def test_fsdp2_two_ranks_train_a_tiny_gpt(code_shards, tmp_path):
     path.write_text(f"include: {SMOKE}\n")
     common = [f"data.train_shards={code_shards}", "data.batch_size=8", "data.num_workers=0",
               "log.progress=false", "log.tensorboard=false", "train.log_every=1", f"model.num_classes={CLASSES}",
-              "train.steps=12", "train.optim.main.warmup_steps=2", "ckpt.every_steps=6"]
+              "train.steps=12", "train.optim.main.warmup_steps=2", "ckpt.every_steps=6",
+              "train.eval_every=6"]
     run_vtok("train", path, *common, f"run_dir={tmp_path / 'two'}", "parallel.strategy=fsdp2", nproc=2)
-    two = [m["main/loss"] for m in read_metrics(tmp_path / "two")]
+    metrics = read_metrics(tmp_path / "two")
+    two = [m["main/loss"] for m in metrics if "main/loss" in m]
     assert len(two) == 12 and two[-1] < two[0] - 0.5, two
+    # sampling in lockstep on sharded parameters, between training steps
+    evals = [m for m in metrics if "eval/sample_usage0" in m]
+    assert [m["step"] for m in evals] == [6, 12] and 0 < evals[-1]["eval/sample_usage1"] <= 1
     assert (tmp_path / "two" / "checkpoints" / "step_000000012").is_dir()
 
 

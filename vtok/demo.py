@@ -136,5 +136,6 @@ def run_demo(opts: DemoOptions) -> dict:
           f"(real images {s['real_colour_match']:.0%}, chance 17%)")
     print(f"stage times: {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")
     print(f"pictures: {out / 'samples.png'} (one row per class), {out / 'recon_grid.png'} "
-          f"(originals above reconstructions); metrics: {out / 'demo.json'}")
+          f"(originals above reconstructions), {out / 'runs/generator/samples'}/ (samples during "
+          f"training); metrics: {out / 'demo.json'}")
     return report

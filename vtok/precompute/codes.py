@@ -102,7 +102,7 @@ def precompute_codes(export_dir: str, data: str, out: str, info: DistInfo, *, ou
     bar.close()
     barrier()
     if info.is_main:
-        meta = {"tokenizer": str(export_dir), "token_shape": list(model.token_shape_for(resolution)),
+        meta = {"tokenizer": str(Path(export_dir).resolve()), "token_shape": list(model.token_shape_for(resolution)),
                 "vocab_sizes": list(model.vocab_sizes), "flip": flip, "resolution": resolution}
         (out_dir / "codes.json").write_text(json.dumps(meta, indent=1))
         total = finalize(out_dir, out_format)

@@ -8,8 +8,11 @@ sub-codes).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ import torch
 from vtok.config import RecipeError
 from vtok.models.registry import MODELS, build_model
 from vtok.train.task import TrainTask, register_task
+
+log = logging.getLogger("vtok.train")
 
 
 def find_codes_meta(shards: str, explicit: str = "") -> dict[str, Any]:
@@ -34,6 +39,21 @@ def find_codes_meta(shards: str, explicit: str = "") -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+@contextlib.contextmanager
+def full_root_params(model: torch.nn.Module):
+    """FSDP2 gathers a root module's own parameters (embeddings, final norm, output heads) only in its
+    forward; generation runs other methods, so gather them for its duration (blocks gather their own
+    in their forwards). A no-op for unsharded modules."""
+    if not hasattr(model, "unshard"):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 @register_task("gpt")
 class GPTTask(TrainTask):
     @dataclass
@@ -44,6 +64,10 @@ class GPTTask(TrainTask):
         class_dropout: float = 0.1  # LlamaGen: condition dropout for classifier-free guidance
         token_dropout: float = 0.1
         dropout: float = 0.1
+        # every train.eval_every steps: <run_dir>/samples/step_N.png, decoded by codes.json's tokenizer
+        eval_classes: int = 16  # the first N classes, one row each
+        eval_per_class: int = 8
+        eval_guidance: float = 2.0
 
     def __init__(self, cfg: "GPTTask.Config", recipe):
         if cfg.arch not in MODELS or MODELS[cfg.arch].kind != "generator":
@@ -63,6 +87,8 @@ class GPTTask(TrainTask):
                               f"have {k}; pick a {'far-*' if k > 1 else 'gpt-*'} size")
         model = build_model(cfg.arch, **self.build_kwargs)
         self.token_shape = tuple(shape)
+        self.meta = meta
+        self._tokenizer: torch.nn.Module | None = None
         self.modules = {"gpt": model}
         self.optimizers = {"main": ["gpt"]}
         self.ema_modules = ("gpt",)
@@ -80,6 +106,48 @@ class GPTTask(TrainTask):
         inner = getattr(model, "module", model)
         logits = model(codes, labels)
         return inner.loss_from_logits(logits, codes)
+
+    @torch.no_grad()
+    def evaluate(self, step: int, run_dir: str) -> dict[str, float]:
+        """Class-conditional samples: code usage per sub-codebook, and a grid decoded by the tokenizer
+        export named in ``codes.json`` at ``<run_dir>/samples/step_<N>.png`` (rank 0; skipped with a
+        warning when that export is not there). Every rank generates the same rows in lockstep, so
+        FSDP2 / ZeRO-3 gather parameters as in training."""
+        from vtok.eval.grid import save_grid
+
+        model = self.modules["gpt"]
+        inner = getattr(model, "module", model)
+        device = inner.cls_embed.weight.device
+        n = min(self.cfg.eval_classes, self.cfg.num_classes)
+        labels = torch.arange(n, device=device).repeat_interleave(self.cfg.eval_per_class)
+        start = time.perf_counter()
+        with full_root_params(model):
+            codes = inner.generate(labels, guidance=self.cfg.eval_guidance,
+                                   generator=torch.Generator(device).manual_seed(step))
+        seconds = time.perf_counter() - start
+        metrics = {"sample_seconds": seconds,  # distinct codes drawn, per sub-codebook: collapse shows here
+                   **{f"sample_usage{j}": codes[:, j].unique().numel() / v
+                      for j, v in enumerate(inner.cfg.vocab_sizes)}}
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        tokenizer = self._eval_tokenizer() if rank == 0 else None
+        if tokenizer is not None:
+            images = tokenizer.decode(codes.clone().to(next(tokenizer.parameters()).device))
+            save_grid(images, Path(run_dir) / "samples" / f"step_{step:09d}.png", nrow=self.cfg.eval_per_class)
+        return metrics
+
+    def _eval_tokenizer(self) -> torch.nn.Module | None:
+        if self._tokenizer is None:
+            from vtok.precompute.codes import load_tokenizer
+
+            path = Path(self.meta.get("tokenizer", ""))
+            if not (path / "config.json").is_file():
+                log.warning("no sample grids: the tokenizer export named in codes.json (%r) is not there",
+                            str(path))
+                self._tokenizer = torch.nn.Identity()  # remember the miss
+            else:
+                device = self.modules["gpt"].parameters().__next__().device
+                self._tokenizer = load_tokenizer(path, torch.device(device.type))
+        return None if isinstance(self._tokenizer, torch.nn.Identity) else self._tokenizer
 
     def tokens_per_sample(self) -> int:
         return math.prod(self.token_shape[1:])
