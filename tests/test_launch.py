@@ -44,3 +44,24 @@ def test_two_nodes_rendezvous_from_slurm_env(shards, tmp_path):
     info = (tmp_path / "run" / "run_info.json").read_text()
     assert '"world_size": 2' in info
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_precompute_codes_script_splits_shards_over_ranks(shards, exported, tmp_path):
+    """slurm/precompute_codes.sh -> srun -> launch.sh -> torchrun (2 ranks) -> vtok precompute codes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && echo 127.0.0.1\n')
+    # `srun OPTIONS CMD ...` on one node: drop srun's options, run the command
+    (bin_dir / "srun").write_text('#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node01",
+           "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "77", "SLURM_SUBMIT_DIR": str(ROOT),
+           "VTOK_NPROC_PER_NODE": "2", "VTOK_RDZV_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "codes"
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "precompute_codes.sh"), "--tokenizer", str(exported),
+                           "--data", shards["wds"], "--out", str(out), "--resolution", "32"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 wrote 6 shards" in proc.stdout and "rank 1 wrote 6 shards" in proc.stdout
+    assert len(list(out.glob("shard-*.tar"))) == 12 and (out / "codes.json").is_file()

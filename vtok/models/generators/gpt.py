@@ -121,9 +121,10 @@ class GPT(nn.Module):
             x = layer(x, rope=rope, causal=True, cache=None if caches is None else caches[i])
         return x
 
-    def head_logits(self, h: torch.Tensor, codes: torch.Tensor, n: int | None = None) -> list[torch.Tensor]:
+    def head_logits(self, h: torch.Tensor, codes: torch.Tensor, n: int | None = None,
+                    last_only: bool = False) -> list[torch.Tensor]:
         """Logits of the first ``n`` (default k) sub-codes: h (B, N, D), codes (B, k, N) (only
-        sub-codes < n-1 are read) -> n tensors (B, N, V_j), float32."""
+        sub-codes < n-1 are read) -> n tensors (B, N, V_j), float32; ``last_only``: just sub-code n-1's."""
         n = self.num_codebooks if n is None else n
         if not len(self.head):
             return [self.out[0](self.norm(h)).float()]
@@ -133,7 +134,7 @@ class GPT(nn.Module):
         for layer in self.head:
             x = layer(x, rope=self.head_rope[:n], causal=True)
         x = self.norm(x).view(b, length, n, d)
-        return [self.out[j](x[:, :, j]).float() for j in range(n)]
+        return [self.out[j](x[:, :, j]).float() for j in range(n - 1 if last_only else 0, n)]
 
     # -- training ----------------------------------------------------------------------------
     def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
@@ -194,7 +195,7 @@ class GPT(nn.Module):
             sub = torch.zeros(len(rows), k, 1, dtype=torch.long, device=labels.device)
             scale = guidance_at(guidance, guidance_schedule, t, length)
             for j in range(k):
-                logits = self.head_logits(h, sub, j + 1)[j][:, -1]  # (R, V_j)
+                logits = self.head_logits(h, sub, j + 1, last_only=True)[-1][:, -1]  # (R, V_j)
                 if cfg:
                     cond, uncond = logits.chunk(2)
                     logits = uncond + scale * (cond - uncond)
