@@ -72,14 +72,18 @@ def test_far_learns_class_codes_and_samples_them(code_shards, tmp_path, flip):
     assert ((codes[:, 1] - codes[:, 0]) % VOCAB <= 1).float().mean() > 0.8  # the FAR head follows sub-code 0
 
 
-def test_fsdp2_two_ranks_train_a_tiny_gpt(code_shards, tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed"])
+def test_two_ranks_train_and_sample_a_tiny_gpt(code_shards, tmp_path, strategy):
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
     path = tmp_path / "far.yaml"
     path.write_text(f"include: {SMOKE}\n")
     common = [f"data.train_shards={code_shards}", "data.batch_size=8", "data.num_workers=0",
               "log.progress=false", "log.tensorboard=false", "train.log_every=1", f"model.num_classes={CLASSES}",
               "train.steps=12", "train.optim.main.warmup_steps=2", "ckpt.every_steps=6",
               "train.eval_every=6"]
-    run_vtok("train", path, *common, f"run_dir={tmp_path / 'two'}", "parallel.strategy=fsdp2", nproc=2)
+    run_vtok("train", path, *common, f"run_dir={tmp_path / 'two'}", f"parallel.strategy={strategy}",
+             "parallel.deepspeed.zero_stage=3", nproc=2)
     metrics = read_metrics(tmp_path / "two")
     two = [m["main/loss"] for m in metrics if "main/loss" in m]
     assert len(two) == 12 and two[-1] < two[0] - 0.5, two

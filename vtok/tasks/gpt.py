@@ -41,17 +41,24 @@ def find_codes_meta(shards: str, explicit: str = "") -> dict[str, Any]:
 
 @contextlib.contextmanager
 def full_root_params(model: torch.nn.Module):
-    """FSDP2 gathers a root module's own parameters (embeddings, final norm, output heads) only in its
-    forward; generation runs other methods, so gather them for its duration (blocks gather their own
-    in their forwards). A no-op for unsharded modules."""
-    if not hasattr(model, "unshard"):
+    """Make every parameter usable outside ``forward`` for the duration (generation runs other
+    methods): FSDP2 gathers a root module's own parameters (embeddings, final norm, output heads)
+    only in its forward, so gather them here (blocks gather theirs in their forwards); DeepSpeed
+    ZeRO-3 partitions all parameters, so gather them all. A no-op for unsharded modules. Every rank
+    must enter it together."""
+    if hasattr(model, "unshard"):  # FSDP2 module
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+    elif getattr(model, "zero_optimization_stage", lambda: 0)() == 3:  # DeepSpeed engine
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.module.parameters())):
+            yield
+    else:
         yield
-        return
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
 
 
 @register_task("gpt")
