@@ -10,7 +10,7 @@ from vtok.models.tokenizers.fqgan import alignment_loss
 TOKENIZERS = [n for n, e in MODELS.items() if e.kind == "tokenizer"]
 
 
-@pytest.mark.parametrize("name", [n for n in TOKENIZERS if "tiny" not in n])
+@pytest.mark.parametrize("name", [n for n in MODELS if "tiny" not in n])
 def test_full_size_builds_on_meta_with_published_count(name):
     with torch.device("meta"):
         model = build_model(name)
@@ -18,7 +18,10 @@ def test_full_size_builds_on_meta_with_published_count(name):
     expected = MODELS[name].params
     if expected is not None:
         assert abs(count - expected) / expected < 0.02, f"{name}: {count:,} vs published {expected:,}"
-    assert model.token_shape[1] in (16, 32)  # 256 px at x16 / x8
+    if MODELS[name].kind == "tokenizer":
+        assert model.token_shape[1] in (16, 32)  # 256 px at x16 / x8
+    else:  # generators: LlamaGen's 16x16 token grid of a 256 px image at x16
+        assert model.seq_len == 256 and model.cfg.token_shape == (16, 16)
 
 
 @pytest.mark.parametrize("name", [n for n in TOKENIZERS if "tiny" in n])
