@@ -136,3 +136,16 @@ def test_rope_2d_rotates_rows_and_columns_separately():
     assert torch.allclose(table[1 + 2, :2, 0], torch.ones(2))
     assert not torch.allclose(table[1 + 2, 2:, 0], torch.ones(2))
     assert torch.allclose(table[1 + 3, 2:, 0], torch.ones(2))  # position (1, 0)
+
+
+def test_generation_under_bf16_autocast_fills_a_bf16_cache():
+    model = tiny(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = model.generate(torch.tensor([1, 2]), guidance=2.0, generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (2, 2, 3, 4) and 0 <= int(codes.min()) and int(codes.max()) < 11
+    cache = KVCache(4)
+    k = torch.randn(1, 2, 1, 8, dtype=torch.bfloat16)
+    cache.append(k, k)
+    assert cache.k.dtype == torch.bfloat16 and cache.k.shape == (1, 2, 4, 8)
+    with pytest.raises(ValueError, match="holds 4 positions"):
+        cache.append(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
