@@ -72,15 +72,12 @@ def class_faithfulness(images: np.ndarray, labels: np.ndarray) -> float:
 
 def run_demo(opts: DemoOptions) -> dict:
     """Run (or resume) every stage; writes ``<out>/demo.json`` and returns it."""
-    import torch
-
     from vtok.data.synthetic import NUM_CLASSES, render_sample, write_synthetic
     from vtok.eval.recon import evaluate_recon
     from vtok.eval.sample import SampleOptions, run_sample
     from vtok.parallel.dist import init_distributed
     from vtok.precompute.codes import precompute_codes
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out, res = Path(opts.out).resolve(), opts.resolution
     timings, report = {}, {"options": vars(opts)}
     common = [f"data.resolution={res}", f"data.num_workers={opts.workers}", "log.tensorboard=false",

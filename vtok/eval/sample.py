@@ -35,8 +35,7 @@ def load_generator(export_dir: str | Path, device: torch.device) -> torch.nn.Mod
     if config.get("kind") != "generator":
         raise EvalError(f"{export_dir} holds a {config.get('task', 'non-generator')} export, not a generator; "
                         "pass the export dir of a gpt / far run")
-    model = build_model(config["arch"], **{k: tuple(v) if isinstance(v, list) else v
-                                           for k, v in config["gpt"].items()})
+    model = build_model(config["arch"], **config["gpt"])
     model.load_state_dict(load_file(str(export_dir / "model.safetensors")))
     return model.to(device).eval()
 

@@ -95,7 +95,7 @@ class GPTTask(TrainTask):
         model = build_model(cfg.arch, **self.build_kwargs)
         self.token_shape = tuple(shape)
         self.meta = meta
-        self._tokenizer: torch.nn.Module | None = None
+        self._tokenizer: torch.nn.Module | bool | None = None  # None: not loaded yet; False: missing
         self.modules = {"gpt": model}
         self.optimizers = {"main": ["gpt"]}
         self.ema_modules = ("gpt",)
@@ -136,25 +136,25 @@ class GPTTask(TrainTask):
                    **{f"sample_usage{j}": codes[:, j].unique().numel() / v
                       for j, v in enumerate(inner.cfg.vocab_sizes)}}
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        tokenizer = self._eval_tokenizer() if rank == 0 else None
+        tokenizer = self._eval_tokenizer(device) if rank == 0 else None
         if tokenizer is not None:
-            images = tokenizer.decode(codes.clone().to(next(tokenizer.parameters()).device))
+            images = tokenizer.decode(codes.to(next(tokenizer.parameters()).device))
             save_grid(images, Path(run_dir) / "samples" / f"step_{step:09d}.png", nrow=self.cfg.eval_per_class)
         return metrics
 
-    def _eval_tokenizer(self) -> torch.nn.Module | None:
+    def _eval_tokenizer(self, device: torch.device) -> torch.nn.Module | None:
+        """The tokenizer ``codes.json`` names, loaded once; None (warned once) when it is not there."""
         if self._tokenizer is None:
             from vtok.precompute.codes import load_tokenizer
 
             path = Path(self.meta.get("tokenizer", ""))
-            if not (path / "config.json").is_file():
+            if (path / "config.json").is_file():
+                self._tokenizer = load_tokenizer(path, torch.device(device.type))
+            else:
                 log.warning("no sample grids: the tokenizer export named in codes.json (%r) is not there",
                             str(path))
-                self._tokenizer = torch.nn.Identity()  # remember the miss
-            else:
-                device = self.modules["gpt"].parameters().__next__().device
-                self._tokenizer = load_tokenizer(path, torch.device(device.type))
-        return None if isinstance(self._tokenizer, torch.nn.Identity) else self._tokenizer
+                self._tokenizer = False
+        return self._tokenizer or None
 
     def tokens_per_sample(self) -> int:
         return math.prod(self.token_shape[1:])

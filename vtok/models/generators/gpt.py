@@ -88,14 +88,6 @@ class GPT(nn.Module):
                     nn.init.zeros_(m.bias)
         for out in self.out:
             nn.init.zeros_(out.weight)
-        self._init_buffers()
-
-    def _init_buffers(self) -> None:
-        if self.rope.is_meta:
-            return
-        head_dim = self.cfg.dim // self.cfg.heads
-        self.rope.copy_(rope_for_shape(self.cfg.token_shape, head_dim, self.cfg.rope_base, prefix=1))
-        self.head_rope.copy_(rope_1d(self.num_codebooks, head_dim, self.cfg.rope_base))
 
     def blocks(self) -> Iterable[nn.Module]:
         """The unit of FSDP sharding and activation checkpointing."""
