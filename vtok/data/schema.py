@@ -3,19 +3,23 @@
 A *schema sample* is a dict with ``__key__`` and any of :data:`FIELDS`::
 
     {"__key__": "000042", "image": b"\\xff\\xd8...", "cls": 3, "caption": "a red circle",
-     "text_emb": float16 [L, D], "text_mask": bool [L], "codes": int16/int32 [...]}
+     "text_emb": float16 [L, D], "text_mask": bool [L], "codes": int16/int32 [...],
+     "json": {"path": "/data/raw/img042.jpg"}}
 
-WebDataset uses the community's extensions (``jpg``/``png``/``webp``, ``cls``, ``txt``, ``<name>.npy``)
-so img2dataset-style shards load as they are; MDS uses columns named like the fields.
+WebDataset uses the community's extensions (``jpg``/``png``/``webp``, ``cls``, ``txt``, ``<name>.npy``,
+``json``) so img2dataset-style shards load as they are; extensions match in any case (ImageNet's
+``.JPEG``). MDS uses columns named like the fields. ``json`` is free-form per-sample metadata (a JSON
+object), passed through as it is.
 """
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 import numpy as np
 
-FIELDS = ("image", "cls", "caption", "text_emb", "text_mask", "codes")
+FIELDS = ("image", "cls", "caption", "text_emb", "text_mask", "codes", "json")
 ARRAY_FIELDS = ("text_emb", "text_mask", "codes")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "caption")
@@ -28,6 +32,7 @@ MDS_COLUMNS = {
     "text_emb": "ndarray",
     "text_mask": "ndarray",  # stored as uint8: MDS ndarray has no bool dtype
     "codes": "ndarray",
+    "json": "json",
 }
 
 
@@ -58,6 +63,8 @@ def check_sample(sample: dict[str, Any]) -> None:
     for name in ARRAY_FIELDS:
         if name in sample and not isinstance(sample[name], np.ndarray):
             raise SchemaError(f"sample {key}: field {name!r} must be a numpy array")
+    if "json" in sample and not isinstance(sample["json"], dict):
+        raise SchemaError(f"sample {key}: field 'json' must be a dict (a JSON object)")
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -68,6 +75,17 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 def _npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle data
+
+
+def _json_load(data: bytes) -> dict[str, Any]:
+    """A ``json`` member -> dict; KeyError (the loader's "missing field") if it is not a JSON object."""
+    try:
+        value = json.loads(data)
+    except ValueError as e:
+        raise KeyError(f"json (member is not valid JSON: {e})") from None
+    if not isinstance(value, dict):
+        raise KeyError(f"json (member is a JSON {type(value).__name__}, not an object)")
+    return value
 
 
 def to_wds(sample: dict[str, Any]) -> dict[str, bytes]:
@@ -82,16 +100,35 @@ def to_wds(sample: dict[str, Any]) -> dict[str, bytes]:
     for name in ARRAY_FIELDS:
         if name in sample:
             out[f"{name}.npy"] = _npy_bytes(sample[name])
+    if "json" in sample:
+        out["json"] = json.dumps(sample["json"], sort_keys=True, ensure_ascii=False).encode("utf-8")
     return out
 
 
+def _by_ext(members: dict[str, Any]) -> dict[str, str]:
+    """{lower-case extension: member name} of one tar sample ('JPEG' -> 'jpeg'; first one wins)."""
+    out: dict[str, str] = {}
+    for name in members:
+        if name != "__key__":
+            out.setdefault(name.lower(), name)
+    return out
+
+
+def _member(members: dict[str, Any], exts: dict[str, str], choices: tuple[str, ...]) -> Any:
+    """The bytes of the first member whose extension is one of ``choices`` (any case), else None."""
+    ext = next((exts[e] for e in choices if e in exts), None)
+    return None if ext is None else members[ext]
+
+
 def wds_fields(members: dict[str, Any]) -> tuple[str, ...]:
-    """The schema fields present among one tar sample's members."""
+    """The schema fields present among one tar sample's members (extensions in any case)."""
+    exts = _by_ext(members)
     present = {
-        "image": any(e in members for e in IMAGE_EXTS),
-        "cls": "cls" in members,
-        "caption": any(e in members for e in CAPTION_EXTS),
-        **{name: f"{name}.npy" in members for name in ARRAY_FIELDS},
+        "image": any(e in exts for e in IMAGE_EXTS),
+        "cls": "cls" in exts,
+        "caption": any(e in exts for e in CAPTION_EXTS),
+        **{name: f"{name}.npy" in exts for name in ARRAY_FIELDS},
+        "json": "json" in exts,
     }
     return tuple(name for name in FIELDS if present[name])
 
@@ -102,22 +139,25 @@ def from_wds(members: dict[str, Any], fields: tuple[str, ...] | None = None) -> 
     ``fields``: the fields to extract (KeyError naming a missing one), or None for all present.
     """
     fields = wds_fields(members) if fields is None else fields
+    exts = _by_ext(members)
     out: dict[str, Any] = {"__key__": members["__key__"]}
     for name in fields:
         if name == "image":
-            ext = next((e for e in IMAGE_EXTS if e in members), None)
-            if ext is None:
+            value = _member(members, exts, IMAGE_EXTS)
+            if value is None:
                 raise KeyError("image (no jpg/jpeg/png/webp member)")
-            out["image"] = members[ext]
+            out["image"] = value
         elif name == "cls":
-            out["cls"] = int(members["cls"])
+            out["cls"] = int(members[exts.get("cls", "cls")])
         elif name == "caption":
-            ext = next((e for e in CAPTION_EXTS if e in members), None)
-            if ext is None:
+            value = _member(members, exts, CAPTION_EXTS)
+            if value is None:
                 raise KeyError("caption (no txt member)")
-            out["caption"] = members[ext].decode("utf-8")
+            out["caption"] = value.decode("utf-8")
+        elif name == "json":
+            out["json"] = _json_load(members[exts.get("json", "json")])
         else:
-            out[name] = _npy_load(members[f"{name}.npy"])
+            out[name] = _npy_load(members[exts.get(f"{name}.npy", f"{name}.npy")])
             if name == "text_mask":
                 out[name] = out[name].astype(bool)
     return out

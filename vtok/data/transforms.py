@@ -32,19 +32,53 @@ class BadSample(Exception):
     """One sample that cannot be used (corrupt image, missing field); skipped and counted."""
 
 
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit gray; mode I holds 0..65535
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit (and mode ``I``) grayscale -> 8-bit ``L`` by round(v / 257); other modes unchanged.
+
+    PIL's ``convert`` clips such images at 255 instead of scaling them, which turns them white.
+    (PIL already reads 16-bit RGB(A) PNG/TIFF as 8-bit RGB(A) by keeping the high byte.)
+    """
+    if img.mode not in HIGH_BIT_MODES:
+        return img
+    arr = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)  # also byte-swaps I;16B
+    return Image.fromarray(((arr + 128) // 257).astype(np.uint8))  # mode L
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, scaling 16-bit values instead of clipping them."""
+    return to_8bit(img).convert("RGB")
+
+
+def _decode_jpeg_reduced(data: bytes, min_side: int) -> np.ndarray:
+    """simplejpeg decode at the smallest DCT scale whose short side is still >= ``min_side``.
+
+    The minimum is passed as an exact integer for both sides (the long side is never the binding
+    one); a float ratio like ``int(h * min_side / min(h, w))`` can round to ``min_side - 1`` and make
+    libjpeg-turbo pick a scale 1 px too small. If the result is still short, decode at full size.
+    """
+    h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+    if min(h, w) <= min_side:  # no reduction possible
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_side, min_width=min_side)
+    if min(arr.shape[:2]) < min_side:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    return arr
+
+
 def decode_image(data: bytes, min_side: int = 0, decoder: str = "simplejpeg") -> Image.Image:
     """Encoded bytes -> RGB PIL image whose short side is >= ``min_side`` when the source allows.
 
     For JPEG with simplejpeg, ``min_side`` lets libjpeg-turbo decode at 1/2, 1/4 or 1/8 scale
     directly, which is several times faster for large photos than decoding then resizing.
+    16-bit images are scaled to 8 bits (:func:`to_rgb8`).
     """
     if decoder == "simplejpeg" and simplejpeg is not None and data[:3] == b"\xff\xd8\xff":
         try:
             if min_side:
-                h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-                scale = min_side / min(h, w)
-                arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=int(h * scale),
-                                             min_width=int(w * scale))
+                arr = _decode_jpeg_reduced(data, min_side)
             else:
                 arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
             return Image.fromarray(arr)
@@ -52,8 +86,8 @@ def decode_image(data: bytes, min_side: int = 0, decoder: str = "simplejpeg") ->
             pass
     img = Image.open(io.BytesIO(data))
     if min_side and img.format == "JPEG":  # PIL's own DCT-domain downscaling
-        img.draft("RGB", (min_side, min_side))
-    return img.convert("RGB")
+        img.draft("RGB", (min_side, min_side))  # picks a scale whose size is >= the request
+    return to_rgb8(img)
 
 
 def as_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -150,6 +184,7 @@ COLLATE: dict[str, Callable[[list], Any]] = {
     "text_emb": _stack,  # (B, L, D), dtype as stored (float16)
     "text_mask": _stack,  # (B, L) bool
     "codes": lambda v: torch.stack(v).long(),  # (B, *token_shape) int64, ready for embeddings
+    "json": list,  # list[dict]: per-sample metadata (e.g. the source path from make_shards)
 }
 
 
