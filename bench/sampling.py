@@ -19,6 +19,7 @@ import time
 import torch
 
 from tokenizer_step import median_ms  # same directory: one timing helper for every bench
+from vtok.models.api import Condition
 from vtok.models.generators import GPT, GPTConfig
 
 
@@ -36,7 +37,7 @@ def generation(args, model: GPT, batch: int, use_cache: bool) -> float:
     times = []
     for i in range(args.repeats + 1):
         t0 = time.perf_counter()
-        model.generate(labels, guidance=1.0, generator=torch.Generator(args.device).manual_seed(i),
+        model.generate(Condition(labels=labels), guidance=1.0, generator=torch.Generator(args.device).manual_seed(i),
                        use_cache=use_cache)
         if args.device.type == "cuda":
             torch.cuda.synchronize()

@@ -37,7 +37,7 @@ def test_smoke_fqgan_learns_psnr_rises(shards, tmp_path):
 
 def test_gan_phase_with_lecam_after_start_step(shards, tmp_path):
     recipe = smoke(shards, tmp_path, "train.steps=4", "train.optim.discriminator.start_step=2",
-                   "model.lecam_weight=0.001")
+                   "model.gan.lecam_weight=0.001")
     Trainer(recipe).fit()
     m = metrics(tmp_path)
     assert "discriminator/loss" not in m[1] and "generator/gan_g" not in m[1]
@@ -73,7 +73,7 @@ def test_alignment_to_a_frozen_teacher_loaded_from_disk(shards, tmp_path, monkey
 def test_teacher_and_head_mismatch_is_a_recipe_error(shards, tmp_path):
     with pytest.raises(RecipeError, match="needs model.lpips_vgg_weights"):
         Trainer(smoke(shards, tmp_path, "model.perceptual_weight=1.0"))
-    with pytest.raises(RecipeError, match="'fqgan-dual-tny' is not registered"):
+    with pytest.raises(RecipeError, match="'fqgan-dual-tny' is not a registered tokenizer"):
         Trainer(smoke(shards, tmp_path, "model.arch=fqgan-dual-tny"))
 
 

@@ -3,6 +3,7 @@ order, guidance and seeded sampling."""
 import pytest
 import torch
 
+from vtok.models.api import Condition as C
 from vtok.models.generators import GPT, GPTConfig, filter_logits, guidance_at, sample_logits
 from vtok.models.layers import KVCache, rope_2d
 
@@ -24,7 +25,7 @@ def random_codes(model: GPT, b: int = 3) -> torch.Tensor:
 def test_kv_cache_decoding_matches_full_forward(k):
     model = tiny(k)
     codes, labels = random_codes(model), torch.tensor([0, 3, 4])
-    full = model(codes, labels)  # teacher-forced logits at every position
+    full = model(codes, C(labels=labels))  # teacher-forced logits at every position
     flat = codes.flatten(2)
     caches = [KVCache(model.seq_len) for _ in model.layers]
     new = model.embed_labels(labels)
@@ -45,10 +46,10 @@ def test_kv_cache_decoding_matches_full_forward(k):
 def test_causality_later_tokens_do_not_change_earlier_logits():
     model = tiny(2)
     codes, labels = random_codes(model), torch.tensor([1, 2, 3])
-    before = model(codes, labels)
+    before = model(codes, C(labels=labels))
     changed = codes.clone().flatten(2)
     changed[:, :, 7:] = (changed[:, :, 7:] + 1) % 11
-    after = model(changed.view_as(codes), labels)
+    after = model(changed.view_as(codes), C(labels=labels))
     for j in range(2):
         # the logits for token t depend on tokens < t only: positions < 7 are unchanged
         torch.testing.assert_close(before[j][:, :7], after[j][:, :7])
@@ -62,7 +63,7 @@ def test_far_head_predicts_sub_codes_in_order():
     model = tiny(3)
     codes, labels = random_codes(model), torch.tensor([1, 2, 3])
     flat = codes.flatten(2)
-    base = model(codes, labels)
+    base = model(codes, C(labels=labels))
     for j in range(3):  # change sub-code j at every position (and keep the trunk input fixed)
         h = model.trunk(torch.cat([model.embed_labels(labels), model.embed_codes(flat[:, :, :-1])], 1))
         changed = flat.clone()
@@ -82,7 +83,7 @@ def test_guidance_one_equals_plain_conditional_sampling_and_seeds_reproduce():
     labels = torch.tensor([0, 4])
 
     def gen(seed, **kw):
-        return model.generate(labels, generator=torch.Generator().manual_seed(seed), **kw)
+        return model.generate(C(labels=labels), generator=torch.Generator().manual_seed(seed), **kw)
 
     cached = gen(7, guidance=1.0, top_k=5)
     plain = gen(7, guidance=1.0, top_k=5, use_cache=False)  # recompute the prefix every step
@@ -90,17 +91,17 @@ def test_guidance_one_equals_plain_conditional_sampling_and_seeds_reproduce():
     assert cached.shape == (2, 2, 3, 4) and int(cached.max()) < 11
     assert torch.equal(gen(7, guidance=3.0), gen(7, guidance=3.0))
     assert not torch.equal(gen(7, guidance=3.0), gen(8, guidance=3.0))
-    greedy = model.generate(labels, temperature=0)
-    assert torch.equal(greedy, model.generate(labels, temperature=0))
+    greedy = model.generate(C(labels=labels), temperature=0)
+    assert torch.equal(greedy, model.generate(C(labels=labels), temperature=0))
 
 
 def test_guided_logits_are_u_plus_s_times_c_minus_u():
     model = tiny(1)
     labels = torch.tensor([2])
-    cond = model(torch.zeros(1, 1, 3, 4, dtype=torch.long), labels)[0][:, 0]
-    uncond = model(torch.zeros(1, 1, 3, 4, dtype=torch.long), torch.tensor([model.null_class]))[0][:, 0]
+    cond = model(torch.zeros(1, 1, 3, 4, dtype=torch.long), C(labels=labels))[0][:, 0]
+    uncond = model(torch.zeros(1, 1, 3, 4, dtype=torch.long), C(labels=torch.tensor([model.null_class])))[0][:, 0]
     mixed = uncond + 4.0 * (cond - uncond)
-    first = model.generate(labels, guidance=4.0, temperature=0)[0, 0, 0, 0]
+    first = model.generate(C(labels=labels), guidance=4.0, temperature=0)[0, 0, 0, 0]
     assert int(first) == int(mixed.argmax())
 
 
@@ -109,7 +110,7 @@ def test_class_dropout_and_shape_errors():
     emb = model.embed_labels(torch.tensor([1, 2]), drop=True)
     torch.testing.assert_close(emb, model.cls_embed.weight[model.null_class].expand(2, 1, -1))
     with pytest.raises(ValueError, match="built for \\(1, 3, 4\\)"):
-        model(torch.zeros(1, 1, 4, 4, dtype=torch.long), torch.tensor([0]))
+        model(torch.zeros(1, 1, 4, 4, dtype=torch.long), C(labels=torch.tensor([0])))
     with pytest.raises(ValueError, match="head_layers"):
         GPTConfig(vocab_sizes=(4, 4), head_layers=0)
 
@@ -141,7 +142,7 @@ def test_rope_2d_rotates_rows_and_columns_separately():
 def test_generation_under_bf16_autocast_fills_a_bf16_cache():
     model = tiny(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        codes = model.generate(torch.tensor([1, 2]), guidance=2.0, generator=torch.Generator().manual_seed(0))
+        codes = model.generate(C(labels=torch.tensor([1, 2])), guidance=2.0, generator=torch.Generator().manual_seed(0))
     assert codes.shape == (2, 2, 3, 4) and 0 <= int(codes.min()) and int(codes.max()) < 11
     cache = KVCache(4)
     k = torch.randn(1, 2, 1, 8, dtype=torch.bfloat16)

@@ -9,6 +9,8 @@ import torch
 from conftest import ROOT, read_metrics, run_vtok
 from vtok.config import RecipeError, load_recipe
 from vtok.data.writers import write_shards
+from vtok.models.api import Condition, TokenSpec
+from vtok.models.export import load_export
 from vtok.train import Trainer
 
 SMOKE = ROOT / "recipes" / "smoke" / "far_dual.yaml"
@@ -32,7 +34,8 @@ def write_code_shards(out, flip: bool):
             yield {"__key__": f"{i:04d}{j:04d}", "codes": class_codes(cls, rng, flip), "cls": cls}
 
     write_shards(out, "wds", 4, produce, progress=False)
-    meta = {"token_shape": [2, *GRID], "vocab_sizes": [VOCAB, VOCAB], "flip": flip, "resolution": 16}
+    spec = TokenSpec(shape=(2, *GRID), resolution=16, vocab_sizes=(VOCAB, VOCAB), downsample=4)
+    meta = {"token_spec": spec.to_dict(), "flip": flip, "resolution": 16}
     (out / "codes.json").write_text(json.dumps(meta))
     return out
 
@@ -60,11 +63,9 @@ def test_far_learns_class_codes_and_samples_them(code_shards, tmp_path, flip):
     assert m[0]["main/ce0"] > 2.0 and m[-1]["main/ce0"] < 0.3, (m[0], m[-1])
     assert m[-1]["main/ce1"] < 1.0 and m[-1]["main/acc0"] > 0.9
     trainer.export(tmp_path / "gen")
-    from vtok.eval.sample import load_generator
-
-    gen = load_generator(tmp_path / "gen", torch.device("cpu"))
+    gen = load_export(tmp_path / "gen", "generator").model
     labels = torch.arange(CLASSES).repeat(4)
-    codes = gen.generate(labels, guidance=2.0, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    codes = gen.generate(Condition(labels=labels), guidance=2.0, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert codes.shape == (4 * CLASSES, 2, *GRID)
     match = (codes[:, 0] == labels[:, None, None]).float().mean()
     # measured 97-98% and 94-95% (seeds 0, 1; 24 samples, guidance 2)

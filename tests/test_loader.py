@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import NUM_SAMPLES, PER_SHARD, data_recipe
-from vtok.data import DataError, build_loader
+from vtok.data import DataError, ShardLoader, build_loader
 from vtok.data.synthetic import synthetic_samples
 from vtok.data.writers import write_shards
 
@@ -40,25 +40,79 @@ def test_mds_exactly_once(shards, workers):
     assert len(keys) == NUM_SAMPLES and set(keys) == ALL_KEYS
 
 
-def test_wds_resume_restarts_at_shard_boundary(shards):
+def batches_of(loader, max_batches=None):
+    """Key lists of the batches taken from one epoch of ``loader`` (the first ``max_batches`` only)."""
+    return [list(batch["__key__"]) for batch in islice(loader, max_batches)]
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 2)])
+def test_wds_resume_mid_shard_is_exact(shards, world, workers):
+    """Stop anywhere (mid-shard, mid-round of the workers, in the 2nd epoch), resume from the merged
+    state: the remaining batches are those of an uninterrupted run, same keys in the same order."""
+    recipe = data_recipe("wds", shards["wds"], f"data.num_workers={workers}", "data.shuffle_buffer=8")
+
+    def loaders():
+        return [build_loader(recipe.data, rank=r, world_size=world, seed=5) for r in range(world)]
+
+    full = loaders()
+    expected = [[batches_of(loader) for _ in range(2)] for loader in full]  # [rank][epoch][batch]
+    for stop in (0, 13, 40 // world):  # batches per rank: before any, mid-epoch 0, in epoch 1
+        first = loaders()
+        heads = []
+        for loader in first:
+            head = batches_of(loader, stop)
+            if len(head) < stop:  # epoch 0 ended: continue into epoch 1
+                head += batches_of(loader, stop - len(head))
+            heads.append(head)
+        state = ShardLoader.merge_rank_states([loader.state_dict() for loader in first])
+        resumed = loaders()
+        for loader in resumed:
+            loader.load_state_dict(state)
+        again = loaders()  # a state taken right after loading one is the same position
+        for r, loader in enumerate(again):
+            loader.load_state_dict(ShardLoader.merge_rank_states([x.state_dict() for x in resumed]))
+        for r in range(world):
+            whole = expected[r][0] + expected[r][1]
+            for loader in (resumed[r], again[r]):
+                tail = batches_of(loader)
+                if loader.epoch == 1 and stop < len(expected[r][0]):
+                    tail += batches_of(loader)
+                assert heads[r] + tail == whole, f"rank {r}, stopped after {stop} batches"
+
+
+def test_wds_resume_with_another_layout_is_exactly_once(shards):
     recipe = data_recipe("wds", shards["wds"], "data.num_workers=2", "data.shuffle_buffer=8")
     first = build_loader(recipe.data, seed=5)
     head = keys_of(first, max_batches=13)  # 104 samples: some shards done, some partly read
     state = first.state_dict()
-    done = set(state["completed_shards"])
-    assert state["epoch"] == 0 and 0 < len(done) < NUM_SAMPLES // PER_SHARD
-    done_keys = {f"{i:08d}" for s in done for i in range(s * PER_SHARD, (s + 1) * PER_SHARD)}
-    assert done_keys <= set(head)
+    assert state["epoch"] == 0 and sorted(o for _, o in state["positions"]) == [8, 16]
 
-    # Resume with a different worker layout: shard-granular state does not depend on it.
-    resumed = build_loader(data_recipe("wds", shards["wds"], "data.num_workers=1").data, seed=5)
+    # Resume with a different worker layout: the unfinished shards are re-dealt and the samples
+    # already delivered from partly read ones are skipped.
+    resumed = build_loader(data_recipe("wds", shards["wds"], "data.num_workers=1",
+                                       "data.shuffle_buffer=8").data, seed=5)
     resumed.load_state_dict(state)
     tail = keys_of(resumed)
-    assert set(head) | set(tail) == ALL_KEYS, "no gap"
-    assert not done_keys & set(tail), "finished shards are not read again"
-    assert Counter(tail).most_common(1)[0][1] == 1
-    assert set(head) & set(tail) == set(head) - done_keys, "only partly read shards repeat"
-    assert resumed.epoch == 1 and resumed.state_dict()["completed_shards"] == []
+    assert len(head) + len(tail) == NUM_SAMPLES and set(head) | set(tail) == ALL_KEYS
+    assert resumed.epoch == 1 and resumed.state_dict()["positions"] == [[0, 0]]
+
+    # 2 ranks x 1 worker, stopped at different points, resumed on 1 rank x 2 workers.
+    two = data_recipe("wds", shards["wds"], "data.num_workers=1", "data.shuffle_buffer=8").data
+    ranks = [build_loader(two, rank=r, world_size=2, seed=5) for r in range(2)]
+    heads = [keys_of(loader, max_batches=n) for loader, n in zip(ranks, (5, 9))]
+    state = ShardLoader.merge_rank_states([loader.state_dict() for loader in ranks])
+    resumed = build_loader(recipe.data, seed=5)
+    resumed.load_state_dict(state)
+    keys = heads[0] + heads[1] + keys_of(resumed)
+    assert len(keys) == NUM_SAMPLES and set(keys) == ALL_KEYS
+
+
+def test_wds_resume_refuses_other_shards(shards):
+    recipe = data_recipe("wds", shards["wds"], "data.shuffle_buffer=8")
+    state = build_loader(recipe.data).state_dict()
+    other = build_loader(data_recipe("wds", shards["wds"], "data.shuffle_buffer=4").data)
+    with pytest.raises(DataError, match="shuffle buffer of 8, but this run has 12 and 4"):
+        other.load_state_dict(state)
 
 
 def test_mds_resume_mid_epoch_is_exact(shards):
@@ -178,3 +232,34 @@ def test_pipe_urls_and_brace_ranges(shards):
     spec = f"pipe:cat {shards['wds']}/shard-{{000000..000011}}.tar"
     keys = keys_of(build_loader(data_recipe("wds", spec).data))
     assert len(keys) == NUM_SAMPLES and set(keys) == ALL_KEYS
+
+
+@pytest.mark.parametrize("order", ["later", "adjacent"])
+def test_duplicate_key_in_a_tar_is_one_bad_sample(tmp_path, caplog, order):
+    """A second sample with a key already in the tar is skipped and counted, naming key and shard."""
+    import io
+    import tarfile
+
+    write_shards(tmp_path / "src", "wds", 1, lambda i: synthetic_samples(0, 4, resolution=32),
+                 progress=False)
+    with tarfile.open(tmp_path / "src" / "shard-000000.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    dup = [(m, data) for m, data in members if m.name.startswith("00000001.")]
+    if order == "later":  # 0 1 2 3 1
+        members += dup
+    else:  # 0 1 1 2 3: a member extension repeats within the key's group
+        at = max(i for i, (m, _) in enumerate(members) if m.name.startswith("00000001.")) + 1
+        members[at:at] = dup
+    shard = tmp_path / "dup" / "shard-000000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+
+    loader = build_loader(data_recipe("wds", str(shard.parent), "data.max_bad_fraction=0.5").data)
+    with caplog.at_level("WARNING", logger="vtok.data"):
+        keys = keys_of(loader)
+    assert sorted(keys) == [f"{i:08d}" for i in range(4)]
+    assert loader.stats.bad == 1 and loader.stats.seen == 5
+    [record] = [r.getMessage() for r in caplog.records if "duplicate key" in r.getMessage()]
+    assert "'00000001'" in record and str(shard) in record

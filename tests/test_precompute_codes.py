@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 from vtok.data.schema import from_wds
 from vtok.data.webdataset import read_tar
-from vtok.precompute.codes import load_tokenizer
+from vtok.models.export import load_export
 
 
 def run_codes(*args):
@@ -33,8 +33,10 @@ def test_codes_with_flip_keep_keys_and_labels(shards, exported, tmp_path):
     assert samples[0]["codes"].shape == (2, 2, 8, 8) and samples[0]["codes"].dtype == np.int16
     assert {"cls", "caption"} <= set(samples[0]) and "image" not in samples[0]
     meta = json.loads((tmp_path / "codes" / "codes.json").read_text())
-    assert meta["token_shape"] == [2, 8, 8] and meta["vocab_sizes"] == [256, 256] and meta["flip"]
-    tok = load_tokenizer(exported, torch.device("cpu"))
+    spec = meta["token_spec"]
+    assert spec["shape"] == [2, 8, 8] and spec["vocab_sizes"] == [256, 256] and spec["resolution"] == 32
+    assert meta["flip"]
+    tok = load_export(exported, "tokenizer").model
     images = tok.decode(torch.from_numpy(samples[0]["codes"][:1]).long())
     assert images.shape == (1, 3, 32, 32)
 

@@ -47,3 +47,95 @@ def test_data_commands_and_info(tmp_path):
     assert proc.returncode == 0 and "format: mds" in proc.stdout and "batch_size: 3" in proc.stdout
     missing = run_vtok("data", "inspect", tmp_path / "nope")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def _subparsers(parser, path=()):
+    """(command path, parser) for every (nested) subcommand of ``parser``."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _subparsers(sub, (*path, name))
+
+
+def test_help_works_for_every_subcommand(capsys):
+    import pytest
+
+    from vtok.cli import build_parser
+
+    commands = [path for path, _ in _subparsers(build_parser())]
+    assert {("demo",), ("sample",), ("train",), ("eval", "gen"), ("data", "inspect")} <= set(commands)
+    for path in [(), *commands]:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([*path, "--help"])
+        assert exit_info.value.code == 0, path
+        assert capsys.readouterr().out.startswith("usage: vtok"), path
+
+
+def test_sample_and_demo_flags_come_from_their_option_dataclasses():
+    import dataclasses
+
+    from vtok.cli import build_parser, dataclass_from_args
+    from vtok.demo import DemoOptions
+    from vtok.eval.sample import SampleOptions
+
+    parsers = dict(_subparsers(build_parser()))
+    for name, cls in (("sample", SampleOptions), ("demo", DemoOptions)):
+        actions = {a.dest: a for a in parsers[(name,)]._actions}
+        for f in dataclasses.fields(cls):
+            action = actions[f.name]
+            assert action.option_strings == ["--" + f.name.replace("_", "-")]
+            assert action.default == f.default, (name, f.name)
+            assert action.help == f.metadata.get("help"), (name, f.name)
+    sample = parsers[("sample",)]
+    assert sample._option_string_actions["--dtype"].choices == ("fp32", "bf16", "fp16")
+    assert sample._option_string_actions["--guidance-schedule"].choices == ("constant", "linear")
+    assert sample._option_string_actions["--guidance"].help == "CFG scale; 1 disables guidance"
+    assert parsers[("demo",)]._option_string_actions["--out"].help == "output directory (default: vtok_demo)"
+
+    parser = build_parser()
+    args = parser.parse_args(["sample", "--generator", "g", "--tokenizer", "t", "--out", "o", "--top-k", "5",
+                              "--dtype", "bf16", "--per-class", "2"])
+    assert dataclass_from_args(SampleOptions, args) == SampleOptions(top_k=5, dtype="bf16")
+    assert args.per_class == 2 and args.npz is False
+    assert dataclass_from_args(DemoOptions, parser.parse_args(["demo"])) == DemoOptions()
+    args = parser.parse_args(["demo", "--guidance", "1.5", "--tokenizer-steps", "7", "--out", "d"])
+    assert dataclass_from_args(DemoOptions, args) == DemoOptions(out="d", guidance=1.5, tokenizer_steps=7)
+
+
+def test_add_dataclass_args_bools_required_and_overrides():
+    import argparse
+    import dataclasses
+
+    import pytest
+
+    from vtok.cli import add_dataclass_args, dataclass_from_args
+
+    @dataclasses.dataclass
+    class Opts:
+        name: str
+        fast: bool = False
+        cache: bool = dataclasses.field(default=True, metadata={"help": "keep a cache"})
+        mode: str = "a"
+        ratio: float = 0.5
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, Opts, help={"mode": "which mode"}, choices={"mode": ("a", "b")})
+    assert parser._option_string_actions["--no-cache"].help == "keep a cache"
+    assert parser._option_string_actions["--mode"].help == "which mode"
+    got = dataclass_from_args(Opts, parser.parse_args(["--name", "x", "--fast", "--no-cache", "--ratio", "2"]))
+    assert got == Opts(name="x", fast=True, cache=False, ratio=2.0)
+    assert dataclass_from_args(Opts, parser.parse_args(["--name", "y"])) == Opts(name="y")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--name", "x", "--mode", "c"])  # not a choice
+    with pytest.raises(SystemExit):
+        parser.parse_args([])  # --name is required
+
+    @dataclasses.dataclass
+    class Bad:
+        items: list = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match="Bad.items"):
+        add_dataclass_args(argparse.ArgumentParser(), Bad)

@@ -29,32 +29,73 @@ def wait_for(path: Path, proc, timeout=120.0):
         time.sleep(0.01)
 
 
-def final_weights(recipe, run_dir: Path, strategy: str, out: Path) -> dict:
+def kill_9_job(proc) -> None:
+    """SIGKILL a torchrun job: the agent and every rank with its DataLoader workers. torchrun starts
+    each rank in a session of its own, so killing the agent's process group alone leaves the ranks
+    running (they would finish the run and the resume would have nothing to do)."""
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                            text=True).stdout.split()]
+    for pid in ranks:
+        os.killpg(pid, signal.SIGKILL)  # a session leader: its group is the rank and its workers
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in ranks):
+        assert time.time() < deadline, "ranks survived SIGKILL"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def final_weights(run_dir: Path, strategy: str, out: Path) -> dict:
+    """The final checkpoint's tensors: DDP's weights, or FSDP2's whole DCP state (weights and
+    optimizer), read with torch's own converter."""
+    step = run_dir / "checkpoints" / f"step_{LONG:09d}"
     if strategy == "ddp":
-        return load_file(str(run_dir / "checkpoints" / f"step_{LONG:09d}" / "model-ae.safetensors"))
-    run_vtok("export", recipe, f"parallel.strategy={strategy}", f"run_dir={run_dir}", "--out", out)
-    return load_file(str(out / "model.safetensors"))
+        return load_file(str(step / "model-ae.safetensors"))
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(step / "dcp", out)
+    flat, todo = {}, [("", torch.load(out, weights_only=True))]
+    while todo:
+        prefix, tree = todo.pop()
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                todo.append((f"{prefix}{k}.", v))
+            elif torch.is_tensor(v):
+                flat[prefix + str(k)] = v
+    return flat
 
 
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_kill_9_then_resume_gives_bit_identical_weights(shards, tmp_path, strategy):
-    recipe = write_train_recipe(tmp_path / "r.yaml", shards["mds"], "tiny-ae", tmp_path / "clean", steps=LONG)
-    common = [f"parallel.strategy={strategy}", "data.batch_size=4", "data.num_workers=1",
-              "ckpt.every_steps=10", "ckpt.keep_last=2"]
+def test_kill_9_then_resume_gives_bit_identical_weights(shards, tmp_path, strategy, fmt):
+    """2 ranks x 2 workers; checkpoints every 7 steps of 4 samples land mid-shard (20 per shard) and
+    mid-round of the workers, and the run crosses an epoch boundary (120 samples per rank)."""
+    recipe = write_train_recipe(tmp_path / "r.yaml", shards[fmt], "tiny-ae", tmp_path / "clean", steps=LONG)
+    common = [f"data.format={fmt}", f"parallel.strategy={strategy}", "data.batch_size=4",
+              "data.num_workers=2", "data.shuffle_buffer=8", "ckpt.every_steps=7", "ckpt.keep_last=2"]
     run_vtok("train", recipe, *common, nproc=2)
 
     killed = tmp_path / "killed"
     proc = start(recipe, *common, f"run_dir={killed}", nproc=2)
-    wait_for(killed / "checkpoints" / "step_000000010" / "meta.json", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    wait_for(killed / "checkpoints" / "step_000000007" / "meta.json", proc)
+    kill_9_job(proc)
     assert not (killed / "COMPLETE").exists(), "the kill must land before the end"
+    assert not (killed / "checkpoints" / f"step_{LONG:09d}").exists()
     proc = run_vtok("train", recipe, *common, f"run_dir={killed}", nproc=2)
     assert f"complete at step {LONG}" in proc.stdout
+    assert "resumed from" in proc.stderr and f"step_{LONG:09d} at step" not in proc.stderr
 
-    a = final_weights(recipe, tmp_path / "clean", strategy, tmp_path / "a")
-    b = final_weights(recipe, killed, strategy, tmp_path / "b")
-    assert a.keys() == b.keys()
+    a = final_weights(tmp_path / "clean", strategy, tmp_path / "a.pt")
+    b = final_weights(killed, strategy, tmp_path / "b.pt")
+    assert a.keys() == b.keys() and len(a) > 10
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after kill -9 + resume"
 

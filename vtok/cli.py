@@ -17,8 +17,11 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
+from typing import Any, Iterable, Mapping, Sequence
 
 from vtok.config import RecipeError, load_recipe, recipe_to_yaml
 from vtok.data.schema import SchemaError
@@ -37,7 +40,10 @@ def _training_errors() -> tuple[type[Exception], ...]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from vtok.train.task import validate_model_section
+
     recipe = load_recipe(args.recipe, args.overrides)
+    validate_model_section(recipe)  # the `model` section against its task's Config (nothing is built)
     if args.get:
         from omegaconf import OmegaConf
 
@@ -56,20 +62,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from vtok.train import Trainer
+    from vtok.parallel.dist import DistInfo
+    from vtok.train.checkpoint import CheckpointManager, resolve_resume
+    from vtok.train.export import export_checkpoint
 
-    recipe = load_recipe(args.recipe, [*args.overrides, "log.progress=false", "log.tensorboard=false"])
-    trainer = Trainer(recipe)
-    from vtok.train.checkpoint import resolve_resume
-
-    path = resolve_resume(trainer.ckpt, args.resume)
+    recipe = load_recipe(args.recipe, args.overrides)
+    ckpt_dir = recipe.ckpt.dir or f"{recipe.run_dir}/checkpoints"
+    manager = CheckpointManager(ckpt_dir, recipe.ckpt.keep_last, DistInfo(), trust=recipe.ckpt.trust)
+    path = resolve_resume(manager, args.resume)  # verified (hashes), falling back to an intact one
     if path is None:
-        raise FileNotFoundError(f"no checkpoint under {trainer.ckpt.dir}; train first or pass --resume")
-    trainer.load(path)
-    written = trainer.export(args.out, use_ema=args.ema)
-    if trainer.info.is_main:
-        print(f"vtok export: step {trainer.step} -> {', '.join(map(str, written))} + config.json")
-
+        raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; train first or pass --resume")
+    weights, step = export_checkpoint(recipe, args.out, path, use_ema=args.ema)
+    print(f"vtok export: step {step} -> {weights} + config.json")
 
 def cmd_synthetic(args: argparse.Namespace) -> None:
     from vtok.data.synthetic import write_synthetic
@@ -88,18 +92,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from vtok.demo import DemoOptions, run_demo
 
-    run_demo(DemoOptions(out=args.out, num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
-                         resolution=args.resolution, workers=args.workers, tokenizer_steps=args.tokenizer_steps,
-                         generator_steps=args.generator_steps, per_class=args.per_class,
-                         guidance=args.guidance, seed=args.seed))
+    run_demo(dataclass_from_args(DemoOptions, args))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from vtok.eval.sample import SampleOptions, run_sample
 
-    opts = SampleOptions(guidance=args.guidance, guidance_schedule=args.guidance_schedule,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         batch_size=args.batch_size, dtype=args.dtype)
+    opts = dataclass_from_args(SampleOptions, args)
     s = run_sample(args.generator, args.tokenizer, args.out, opts, classes=args.classes,
                    per_class=args.per_class, npz=args.npz)
     extra = f" + {s['npz']}" if args.npz else ""
@@ -145,23 +144,54 @@ def cmd_eval_gen(args: argparse.Namespace) -> None:
           f" -> {args.out}/gen.json")
 
 
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, help: Mapping[str, str] | None = None,
+                       choices: Mapping[str, Sequence[Any]] | None = None, exclude: Iterable[str] = ()) -> None:
+    """One ``--field-name`` flag per field of dataclass ``cls`` (int, float, str or bool), in field
+    order: type and default from the field (no default: required); a bool becomes ``--x`` (default
+    False) or ``--no-x`` (default True). Help and choices come from ``help`` / ``choices`` (by field
+    name) or else from the field's ``metadata={"help": ..., "choices": ...}``."""
+    hints = typing.get_type_hints(cls)
+    skip = set(exclude)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        text = (help or {}).get(f.name, f.metadata.get("help"))
+        if f.default is not dataclasses.MISSING:
+            default: dict[str, Any] = {"default": f.default}
+        elif f.default_factory is not dataclasses.MISSING:
+            default = {"default": f.default_factory()}
+        else:
+            default = {"required": True}
+        if kind is bool:
+            on = default.get("default", False)
+            parser.add_argument("--no-" + flag[2:] if on else flag, dest=f.name, help=text,
+                                action="store_false" if on else "store_true")
+            continue
+        if kind not in (int, float, str):
+            raise TypeError(f"{cls.__name__}.{f.name}: type {kind} has no flag form (int, float, str, bool)")
+        options = (choices or {}).get(f.name, f.metadata.get("choices"))
+        parser.add_argument(flag, type=None if kind is str else kind, help=text,
+                            **({"choices": tuple(options)} if options else {}), **default)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """An instance of dataclass ``cls`` from the parsed flags ``add_dataclass_args`` made (fields
+    with no attribute in ``args`` keep their defaults)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vtok.demo import DemoOptions
+    from vtok.eval.sample import SampleOptions
+
     p = argparse.ArgumentParser(prog="vtok", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the whole pipeline on built-in synthetic shapes: shards -> FQGAN "
                           "-> codes -> FAR -> samples (resumable)")
-    demo.add_argument("--out", default="vtok_demo", help="output directory (default: vtok_demo)")
-    demo.add_argument("--num-samples", type=int, default=2048, help="training images")
-    demo.add_argument("--samples-per-shard", type=int, default=128)
-    demo.add_argument("--resolution", type=int, default=32)
-    demo.add_argument("--workers", type=int, default=2, help="data loader workers")
-    demo.add_argument("--tokenizer-steps", type=int, default=500)
-    demo.add_argument("--generator-steps", type=int, default=600)
-    demo.add_argument("--per-class", type=int, default=4, help="samples per class (24 classes)")
-    demo.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    demo.add_argument("--seed", type=int, default=0)
+    add_dataclass_args(demo, DemoOptions)
     demo.set_defaults(func=cmd_demo)
 
     info = sub.add_parser("info", help="print a recipe resolved with its includes and overrides")
@@ -202,14 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--out", required=True, help="output dir (samples.png, samples.npz)")
     smp.add_argument("--classes", default="", help="comma-separated class ids (default: all)")
     smp.add_argument("--per-class", type=int, default=4)
-    smp.add_argument("--guidance", type=float, default=2.0, help="CFG scale; 1 disables guidance")
-    smp.add_argument("--guidance-schedule", choices=("constant", "linear"), default="constant")
-    smp.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    smp.add_argument("--top-k", type=int, default=0, help="0: off")
-    smp.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    smp.add_argument("--seed", type=int, default=0, help="batch i uses seed + i")
-    smp.add_argument("--batch-size", type=int, default=32)
-    smp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    add_dataclass_args(smp, SampleOptions)
     smp.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0 uint8 NHWC) for eval gen")
     smp.set_defaults(func=cmd_sample)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +26,17 @@ RECIPES = Path(vtok.__file__).resolve().parent.parent / "recipes" / "smoke"
 
 @dataclass
 class DemoOptions:
-    out: str = "vtok_demo"
-    num_samples: int = 2048
+    """What ``vtok demo`` runs; each field is a ``--flag`` (``metadata["help"]`` is its help)."""
+
+    out: str = field(default="vtok_demo", metadata={"help": "output directory (default: vtok_demo)"})
+    num_samples: int = field(default=2048, metadata={"help": "training images"})
     samples_per_shard: int = 128
     resolution: int = 32
-    workers: int = 2
+    workers: int = field(default=2, metadata={"help": "data loader workers"})
     tokenizer_steps: int = 500
     generator_steps: int = 600
-    per_class: int = 4
-    guidance: float = 3.0
+    per_class: int = field(default=4, metadata={"help": "samples per class (24 classes)"})
+    guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale"})
     seed: int = 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Iterable
@@ -116,6 +117,63 @@ def _load_yaml(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, DictConfig
     return out
 
 
+def _merge(merged: DictConfig, cfg: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(merged, cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or "?"
+        raise RecipeError(f"{source}: {key}: {str(e).splitlines()[0]}") from None
+
+
+def _normalize_override(item: str) -> str:
+    """``key=value`` with list indices as path parts: ``a.b[0].c=v`` -> ``a.b.0.c=v``."""
+    if "=" not in item:
+        raise RecipeError(f"command line: override '{item}' must look like key=value "
+                          f"(e.g. data.resolution=128)")
+    key, value = item.split("=", 1)
+    return re.sub(r"\[(-?\d+)\]", r".\1", key.strip()) + "=" + value
+
+
+def _list_in_path(merged: DictConfig, key: str) -> bool:
+    """Whether ``key`` goes through a list of ``merged`` (e.g. ``model.teachers.0.weights``);
+    raises RecipeError for an index that is not a number or out of range."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        parent = OmegaConf.select(merged, ".".join(parts[:i]), default=None, throw_on_missing=False)
+        if isinstance(parent, DictConfig):
+            continue
+        if not isinstance(parent, ListConfig):
+            return False  # a new or scalar node: the override creates / replaces it
+        where, index = ".".join(parts[:i]), parts[i]
+        size = f"'{where}' has {len(parent)} item{'s' if len(parent) != 1 else ''}"
+        if not index.isdigit():
+            example = ".".join([where, "0", *parts[i + 1:]])
+            raise RecipeError(f"command line: {key}: '{index}' is not a list index; {size}, e.g. {example}")
+        if int(index) >= len(parent):
+            valid = f" (valid: 0..{len(parent) - 1})" if len(parent) else ""
+            raise RecipeError(f"command line: {key}: index {index} is out of range, {size}{valid}")
+        return True
+    return False
+
+
+def _apply_override(merged: DictConfig, item: str) -> DictConfig:
+    """One dotlist ``key=value`` onto the merged recipe, checked like a file source."""
+    key = item.split("=", 1)[0]
+    try:
+        parsed = OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"command line: {str(e).splitlines()[0]}") from None
+    _check_keys(parsed, Recipe, "", "command line")
+    if not _list_in_path(merged, key):
+        return _merge(merged, parsed, "command line")
+    try:  # set the item in place: a merge would meet a list with a mapping {0: ...}
+        merged.merge_with_dotlist([item])
+    except OmegaConfBaseException as e:
+        full = getattr(e, "full_key", "") or key
+        raise RecipeError(f"command line: {full}: {str(e).splitlines()[0]}") from None
+    return merged
+
+
 def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recipe:
     """Resolve a recipe: schema defaults <- included files <- ``path`` <- dotlist ``overrides``.
 
@@ -128,25 +186,13 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recip
         RecipeError: unknown key, wrong type, invalid choice, missing required value or file.
     """
     sources = _load_yaml(Path(path), ()) if path is not None else []
-    overrides = list(overrides)
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"command line: override '{item}' must look like key=value "
-                              f"(e.g. data.resolution=128)")
-    if overrides:
-        try:
-            sources.append(("command line", OmegaConf.from_dotlist(overrides)))
-        except OmegaConfBaseException as e:
-            raise RecipeError(f"command line: {str(e).splitlines()[0]}") from None
-
+    overrides = [_normalize_override(item) for item in overrides]
     merged = OmegaConf.structured(Recipe)
     for source, cfg in sources:
         _check_keys(cfg, Recipe, "", source)
-        try:
-            merged = OmegaConf.merge(merged, cfg)
-        except OmegaConfBaseException as e:
-            key = getattr(e, "full_key", "") or "?"
-            raise RecipeError(f"{source}: {key}: {str(e).splitlines()[0]}") from None
+        merged = _merge(merged, cfg, source)
+    for item in overrides:
+        merged = _apply_override(merged, item)
     try:
         recipe = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:

@@ -86,9 +86,8 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2
-    offload_optimizer: bool = False
-    torch_adam: bool = True  # torch's Adam: no fused-kernel compile (CPU runs, quick starts)
-    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
+    # merged into the generated DeepSpeed config, e.g. {zero_optimization: {offload_param: {device: cpu}}}
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,6 +106,9 @@ class CkptConfig:
     keep_last: int = 3
     dir: str = ""  # default: <run_dir>/checkpoints
     resume: str = ""  # a checkpoint dir; default: <dir>/latest when it exists
+    # Resume from a checkpoint without vtok's file hashes in meta.json (not written by vtok, or by an
+    # older one). FSDP2 (DCP) and DeepSpeed checkpoints unpickle their metadata: only your own.
+    trust: bool = False
 
 
 @dataclass

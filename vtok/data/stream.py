@@ -26,13 +26,15 @@ class Meta:
     """Position and counters of one worker, sent along with each of its batches.
 
     ``rows``: raw samples this batch accounts for (good + skipped), for exact MDS resume.
-    ``shards_done``: wds only, how many shards of this worker's list are fully yielded.
+    ``shards_done``/``offset``: wds only, how many shards of this worker's list are fully delivered
+    and how many events (samples, good or bad) of the next one, counting this batch.
     ``seen``/``bad``: the worker's running totals this epoch. ``error``: a fatal DataError message.
     """
 
     worker: int
     rows: int = 0
     shards_done: int = 0
+    offset: int = 0
     seen: int = 0
     bad: int = 0
     error: str = ""
@@ -47,7 +49,7 @@ def worker_identity(rank: int, world_size: int) -> tuple[int, int]:
 
 
 def worker_rng(seed: int, epoch: int, worker: int) -> random.Random:
-    """Deterministic RNG for one worker in one epoch (the WebDataset shuffle buffer)."""
+    """Deterministic RNG for one worker in one epoch (``worker=-1``: the WebDataset shard order)."""
     return random.Random(f"vtok-{seed}-{epoch}-{worker}")
 
 
@@ -102,6 +104,10 @@ class Batcher:
     def error(self, message: str) -> dict[str, Any]:
         """A meta-only item that makes the main process raise DataError(message)."""
         self.meta.error = message
+        return {META: self._snapshot()}
+
+    def placeholder(self) -> dict[str, Any]:
+        """A meta-only item with the current position (lines up the DataLoader's round robin)."""
         return {META: self._snapshot()}
 
     def finish(self) -> Iterator[dict[str, Any]]:

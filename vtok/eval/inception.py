@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vtok.eval import EvalError
+from vtok.models.weights import load_state_dict_strict, state_dict_mismatch
 
 FEATURE_DIM = 2048  # pool3 features (FID)
 NUM_CLASSES = 1008  # logits (Inception Score)
@@ -58,19 +59,6 @@ def _torch_fidelity_inception() -> nn.Module:
         return _Extractor("inception-v3-compat", ["2048", "logits_unbiased"])
 
 
-def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    want = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    have = {k: v.shape for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if missing or unexpected or wrong:
-        parts = [f"{len(names)} {what} (e.g. '{names[0]}')" for what, names in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong))
-                 if names]
-        raise EvalError(f"Inception weights {path} do not match the FID Inception-v3: {', '.join(parts)}; "
-                        f"{WEIGHTS_HELP}")
-
-
 class InceptionFeatures(nn.Module):
     """Images -> FID pool features (B, 2048) and IS logits (B, 1008), both float32.
 
@@ -84,8 +72,11 @@ class InceptionFeatures(nn.Module):
         self.net = _torch_fidelity_inception()
         if weights is not None:
             state = read_inception_weights(weights)
-            _check_keys(self.net, state, str(weights))
-            self.net.load_state_dict(state, strict=False)  # keys checked above; old files lack BN counters
+            problem = state_dict_mismatch(self.net, state)
+            if problem:
+                raise EvalError(f"Inception weights {weights} do not match the FID Inception-v3: {problem}; "
+                                f"{WEIGHTS_HELP}")
+            load_state_dict_strict(self.net, state, str(weights))  # old files lack BN counters: kept
         self.net.requires_grad_(False)
         self.eval()
 

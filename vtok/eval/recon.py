@@ -23,7 +23,7 @@ from vtok.eval.grid import save_grid
 from vtok.eval.inception import InceptionFeatures
 from vtok.eval.metrics import psnr, ssim
 from vtok.models.quant.base import code_usage
-from vtok.precompute.codes import load_tokenizer
+from vtok.models.export import load_export
 
 
 @torch.no_grad()
@@ -33,7 +33,8 @@ def evaluate_recon(export_dir: str, data: str, out: str, *, data_format: str = "
     """Evaluate; returns the report it also writes to ``<out>/recon.json`` (``rfid`` is None without
     ``inception``, the FID Inception weights file)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_tokenizer(export_dir, device)
+    export = load_export(export_dir, "tokenizer", device)
+    model, spec = export.model, export.token_spec.at(resolution)  # one-line error for a wrong resolution
     lpips = None
     if lpips_vgg:
         from vtok.losses import LPIPS
@@ -80,7 +81,7 @@ def evaluate_recon(export_dir: str, data: str, out: str, *, data_format: str = "
               "psnr": sums["psnr"] / count, "ssim": sums["ssim"] / count,
               "lpips": sums["lpips"] / count if lpips is not None else None, "rfid": rfid,
               "seconds": time.perf_counter() - start, "codebooks": []}
-    for i, size in enumerate(model.vocab_sizes):
+    for i, size in enumerate(spec.vocab_sizes):
         usage = code_usage(all_codes[:, i], size)
         report["codebooks"].append({k: float(v) for k, v in usage.items()})
     out_dir = Path(out)

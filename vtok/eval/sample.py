@@ -6,50 +6,36 @@ Writes a PNG grid (one row per class when ``per_class`` fits) and optionally an 
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from vtok.data.writers import atomic_write_bytes
 from vtok.eval import EvalError
 from vtok.eval.grid import save_grid, to_uint8
-from vtok.models.registry import build_model
+from vtok.models.api import Condition, TokenSpec
+from vtok.models.export import load_export
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_generator(export_dir: str | Path, device: torch.device) -> torch.nn.Module:
-    """The generator ``vtok export`` wrote for a ``gpt`` run (config.json + model.safetensors), in eval mode."""
-    export_dir = Path(export_dir)
-    config_path = export_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found; export the generator first: vtok export RECIPE --out DIR")
-    config = json.loads(config_path.read_text())
-    if config.get("kind") != "generator":
-        raise EvalError(f"{export_dir} holds a {config.get('task', 'non-generator')} export, not a generator; "
-                        "pass the export dir of a gpt / far run")
-    model = build_model(config["arch"], **config["gpt"])
-    model.load_state_dict(load_file(str(export_dir / "model.safetensors")))
-    return model.to(device).eval()
-
-
 @dataclass
 class SampleOptions:
-    guidance: float = 2.0
-    guidance_schedule: str = "constant"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
+    """Sampling settings; each field is a ``vtok sample`` flag (help and choices in its metadata)."""
+
+    guidance: float = field(default=2.0, metadata={"help": "CFG scale; 1 disables guidance"})
+    guidance_schedule: str = field(default="constant", metadata={"choices": ("constant", "linear")})
+    temperature: float = field(default=1.0, metadata={"help": "0: greedy"})
+    top_k: int = field(default=0, metadata={"help": "0: off"})
+    top_p: float = field(default=1.0, metadata={"help": "1: off"})
+    seed: int = field(default=0, metadata={"help": "batch i uses seed + i"})
     batch_size: int = 32
-    dtype: str = "fp32"
+    dtype: str = field(default="fp32", metadata={"help": "autocast dtype", "choices": tuple(DTYPES)})
 
 
 @torch.no_grad()
@@ -59,9 +45,7 @@ def sample_images(generator: torch.nn.Module, tokenizer: torch.nn.Module, labels
 
     Batch i draws from a generator seeded with ``seed + i``, so a run is reproducible for a fixed
     batch size."""
-    if tuple(generator.cfg.vocab_sizes) != tuple(tokenizer.vocab_sizes):
-        raise EvalError(f"generator vocabularies {list(generator.cfg.vocab_sizes)} do not match the "
-                        f"tokenizer's {list(tokenizer.vocab_sizes)}: pass the tokenizer the codes came from")
+    check_pair(generator.token_spec, tokenizer.token_spec)
     device = next(generator.parameters()).device
     dtype = DTYPES[opts.dtype]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -71,12 +55,21 @@ def sample_images(generator: torch.nn.Module, tokenizer: torch.nn.Module, labels
         rows = labels[start:start + opts.batch_size].to(device)
         rng = torch.Generator(device).manual_seed(opts.seed + i)
         with autocast:
-            c = generator.generate(rows, guidance=opts.guidance, guidance_schedule=opts.guidance_schedule,
+            c = generator.generate(Condition(labels=rows), guidance=opts.guidance, guidance_schedule=opts.guidance_schedule,
                                    temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                                    generator=rng)
         codes.append(c.cpu())
         images.append(tokenizer.decode(c).float().clamp(-1, 1).cpu())
     return torch.cat(images), torch.cat(codes)
+
+
+def check_pair(gen_spec: TokenSpec, tok_spec: TokenSpec) -> None:
+    """One-line EvalError unless the generator models the tokenizer's tokens (vocabularies and
+    per-position sub-codes; the grid may follow the resolution the codes were made at)."""
+    if gen_spec.vocab_sizes != tok_spec.vocab_sizes or gen_spec.shape[:1] != tok_spec.shape[:1]:
+        raise EvalError(f"the generator models tokens {list(gen_spec.shape)} over vocabularies "
+                        f"{list(gen_spec.vocab_sizes)} but the tokenizer makes {list(tok_spec.shape)} over "
+                        f"{list(tok_spec.vocab_sizes)}: pass the tokenizer the codes came from")
 
 
 def class_labels(num_classes: int, classes: str = "", per_class: int = 4) -> torch.Tensor:
@@ -91,13 +84,11 @@ def class_labels(num_classes: int, classes: str = "", per_class: int = 4) -> tor
 def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOptions, *, classes: str = "",
                per_class: int = 4, npz: bool = False, progress: bool = True) -> dict:
     """``vtok sample``: writes ``<out>/samples.png`` (+ ``samples.npz``); returns a summary."""
-    from vtok.precompute.codes import load_tokenizer
-
     if opts.dtype not in DTYPES:
         raise EvalError(f"--dtype {opts.dtype!r}: expected one of {', '.join(DTYPES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator = load_generator(generator_dir, device)
-    tokenizer = load_tokenizer(tokenizer_dir, device)
+    generator = load_export(generator_dir, "generator", device).model
+    tokenizer = load_export(tokenizer_dir, "tokenizer", device).model
     labels = class_labels(generator.cfg.num_classes, classes, per_class)
     start = time.perf_counter()
     images, _ = sample_images(generator, tokenizer, labels, opts, progress)

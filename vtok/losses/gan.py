@@ -45,6 +45,16 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
+def non_saturating_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """E[softplus(-D(x))] + E[softplus(D(G(z)))] (the StyleGAN discriminator loss)."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def non_saturating_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """E[softplus(-D(G(z)))]."""
+    return F.softplus(-fake_logits).mean()
+
+
 class LeCAM(nn.Module):
     """LeCAM regulariser (Tseng et al. 2021): keeps D's outputs near EMAs of the other side's.
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import vgg16
+from torchvision.models import vgg
+
+from vtok.models.weights import load_state_dict_strict
 
 # Input scaling LPIPS applies to [-1, 1] images before VGG (its ScalingLayer constants).
 SHIFT = (-0.030, -0.088, -0.188)
@@ -41,6 +43,17 @@ def lpips_heads_path() -> Path:
     return Path(os.path.dirname(lpips.__file__)) / "weights" / "v0.1" / "vgg.pth"
 
 
+class _HeadsLayout(nn.Module):
+    """The lpips package's key layout (``lin{i}.model.1.weight``) over our heads, for loading only."""
+
+    def __init__(self, heads: nn.ModuleList):
+        super().__init__()
+        for i, head in enumerate(heads):
+            lin = nn.Module()
+            lin.model = nn.Sequential(nn.Identity(), head)  # index 1 is the conv (0 is lpips' dropout)
+            self.add_module(f"lin{i}", lin)
+
+
 class LPIPS(nn.Module):
     """d(x, y) per image: x, y (B, 3, H, W) in [-1, 1] -> (B,). Frozen; gradients flow to x and y."""
 
@@ -50,15 +63,17 @@ class LPIPS(nn.Module):
             raise FileNotFoundError(
                 f"LPIPS VGG16 weights not found: {vgg_weights}; save torchvision's vgg16 ImageNet "
                 "checkpoint (vgg16-397923af.pth) there, or set the perceptual weight to 0")
-        trunk = vgg16(weights=None).features[: TAPS[-1] + 1]
+        # VGG16's `features` alone: building vgg16() would also initialise its 120M-parameter classifier
+        trunk = vgg.make_layers(vgg.cfgs["D"])[: TAPS[-1] + 1]
         state = {k.removeprefix("features."): v for k, v in load_state(vgg_weights).items()
                  if k.startswith("features.") or not k.startswith("classifier.")}
-        trunk.load_state_dict({k: v for k, v in state.items() if k in trunk.state_dict()})
+        wanted = trunk.state_dict()  # a full vgg16 checkpoint also has the classifier: only check ours
+        ours = {k: v for k, v in state.items() if k in wanted}
+        load_state_dict_strict(trunk, ours or state, str(vgg_weights))
         self.trunk = trunk
         self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in CHANNELS)
-        heads = load_state(heads_weights or lpips_heads_path())
-        for i, head in enumerate(self.heads):
-            head.weight.data.copy_(heads[f"lin{i}.model.1.weight"])
+        heads_file = heads_weights or lpips_heads_path()
+        load_state_dict_strict(_HeadsLayout(self.heads), load_state(heads_file), str(heads_file))
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1), persistent=False)
         self.eval().requires_grad_(False)

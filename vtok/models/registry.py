@@ -2,12 +2,15 @@
 published parameter count, and each tiny sibling runs forward + backward on CPU."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from dataclasses import dataclass
-from typing import Callable
+import typing
+from dataclasses import dataclass, fields
+from typing import Any
 
 from torch import nn
 
+from vtok.config import RecipeError
 from vtok.models.generators import GPT, GPTConfig
 from vtok.models.quant import L2VectorQuantizer
 from vtok.models.tokenizers.fqgan import FQGAN, FQGANConfig
@@ -16,10 +19,48 @@ from vtok.models.tokenizers.vqgan import CNNConfig
 
 @dataclass(frozen=True)
 class Entry:
-    build: Callable[..., nn.Module]  # keyword overrides of the model's config, e.g. align={}
-    params: int | None  # published count (official code, see shared/PAPERS.md); None for tiny sizes
+    """A registered size: ``model(config)`` builds it; ``params`` is the published count (official
+    code, see shared/PAPERS.md), None for tiny sizes."""
+
+    model: type[nn.Module]
+    config: Any  # the model's config dataclass, filled in for this size
+    params: int | None
     source: str = ""
-    kind: str = "tokenizer"  # "tokenizer" | "generator"
+
+    @property
+    def kind(self) -> str:
+        """"tokenizer" | "generator": the contract the model class implements (vtok.models.api)."""
+        return "generator" if hasattr(self.model, "generate") else "tokenizer"
+
+    def build(self, **overrides: Any) -> nn.Module:
+        """The model with fresh weights; ``overrides``: fields of its config (nested dicts allowed)."""
+        base = {f.name: getattr(self.config, f.name) for f in fields(self.config)}
+        return self.model(config_from_dict(type(self.config), {**base, **overrides}))
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Dataclass ``cls`` from a JSON-style dict: nested dataclasses from dicts, tuples from lists,
+    int dict keys from strings; unknown keys are an error naming them."""
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - {f.name for f in fields(cls)}
+    if unknown:
+        raise RecipeError(f"{cls.__qualname__} has no field(s) {sorted(unknown)}")
+    return cls(**{k: _convert(hints[k], v) for k, v in values.items()})
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return config_from_dict(tp, value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        item = args[0] if args else Any
+        return tuple(_convert(item, v) for v in value)
+    if origin is list and isinstance(value, (list, tuple)):
+        return [_convert(args[0], v) for v in value]
+    if origin is dict and isinstance(value, dict):
+        kt, vt = args
+        return {(int(k) if kt is int else k): _convert(vt, v) for k, v in value.items()}
+    return value
 
 
 F16, F8 = CNNConfig(), CNNConfig(ch_mult=(1, 2, 2, 4))
@@ -31,47 +72,44 @@ TINY = dict(image_size=64, vq=L2VectorQuantizer.Config(codebook_size=256, dim=8)
             adapter_heads=2, align_layers=1, align_heads=2)
 
 
-def fqgan(cnn: CNNConfig, k: int, align: dict[int, int], **kw) -> Callable[..., nn.Module]:
-    return lambda **over: FQGAN(FQGANConfig(**{"cnn": cnn, "num_codebooks": k, "align": dict(align),
-                                               **kw, **over}))
+def fqgan(cnn: CNNConfig, k: int, align: dict[int, int], params: int | None, source: str = "", **kw) -> Entry:
+    return Entry(FQGAN, FQGANConfig(cnn=cnn, num_codebooks=k, align=dict(align), **kw), params, source)
 
 
-def gpt(depth: int, dim: int, heads: int, k: int = 1, head_layers: int = 0, **kw) -> Callable[..., nn.Module]:
+def gpt(depth: int, dim: int, heads: int, params: int | None, source: str = "", k: int = 1,
+        head_layers: int = 0, **kw) -> Entry:
     """LlamaGen GPT sizes (vocab 16,384 per sub-codebook, 16x16 tokens, 1,000 classes unless overridden);
     ``k`` > 1 with ``head_layers`` gives FQGAN's FAR."""
-    base = dict(depth=depth, dim=dim, heads=heads, vocab_sizes=(16384,) * k, head_layers=head_layers, **kw)
-    return lambda **over: GPT(GPTConfig(**{**base, **over}))
-
-
-def generator(build: Callable[..., nn.Module], params: int | None, source: str = "") -> Entry:
-    return Entry(build, params, source, kind="generator")
+    cfg = GPTConfig(**{**dict(depth=depth, dim=dim, heads=heads, vocab_sizes=(16384,) * k,
+                              head_layers=head_layers), **kw})
+    return Entry(GPT, cfg, params, source)
 
 
 TINY_GPT = dict(depth=4, dim=128, heads=4, token_shape=(8, 8), num_classes=24)
 
 MODELS: dict[str, Entry] = {
-    "vqgan-f16": Entry(fqgan(F16, 1, {}), 71_883_403, "LlamaGen VQ-16"),
-    "fqgan-dual-f16": Entry(fqgan(F16, 2, DUAL_ALIGN), 150_410_131, "FQGAN-Dual VQ-16 with head"),
-    "fqgan-triple-f16": Entry(fqgan(F16, 3, TRIPLE_ALIGN), 159_295_515, "FQGAN-Triple VQ-16 with heads"),
-    "vqgan-f8": Entry(fqgan(F8, 1, {}), None, "LlamaGen VQ-8 layout (no published count here)"),
-    "fqgan-dual-f8": Entry(fqgan(F8, 2, DUAL_ALIGN), None, "FQGAN-Dual x8"),
-    "fqgan-triple-f8": Entry(fqgan(F8, 3, TRIPLE_ALIGN), None, "FQGAN-Triple x8"),
-    "vqgan-tiny": Entry(fqgan(TINY_CNN, 1, {}, **TINY), None),
-    "fqgan-dual-tiny": Entry(fqgan(TINY_CNN, 2, {1: 32}, **TINY), None),
-    "fqgan-triple-tiny": Entry(fqgan(TINY_CNN, 3, {1: 16, 2: 32}, **TINY), None),
+    "vqgan-f16": fqgan(F16, 1, {}, 71_883_403, "LlamaGen VQ-16"),
+    "fqgan-dual-f16": fqgan(F16, 2, DUAL_ALIGN, 150_410_131, "FQGAN-Dual VQ-16 with head"),
+    "fqgan-triple-f16": fqgan(F16, 3, TRIPLE_ALIGN, 159_295_515, "FQGAN-Triple VQ-16 with heads"),
+    "vqgan-f8": fqgan(F8, 1, {}, None, "LlamaGen VQ-8 layout (no published count here)"),
+    "fqgan-dual-f8": fqgan(F8, 2, DUAL_ALIGN, None, "FQGAN-Dual x8"),
+    "fqgan-triple-f8": fqgan(F8, 3, TRIPLE_ALIGN, None, "FQGAN-Triple x8"),
+    "vqgan-tiny": fqgan(TINY_CNN, 1, {}, None, **TINY),
+    "fqgan-dual-tiny": fqgan(TINY_CNN, 2, {1: 32}, None, **TINY),
+    "fqgan-triple-tiny": fqgan(TINY_CNN, 3, {1: 16, 2: 32}, None, **TINY),
     # generators (LlamaGen autoregressive/models/gpt.py; FQGAN autoregressive/models/far_*.py)
-    "gpt-b": generator(gpt(12, 768, 12), 110_888_448, "LlamaGen GPT-B"),
-    "gpt-l": generator(gpt(24, 1024, 16), 342_910_976, "LlamaGen GPT-L"),
-    "gpt-xl": generator(gpt(36, 1280, 20), 774_699_520, "LlamaGen GPT-XL"),
-    "gpt-xxl": generator(gpt(48, 1536, 24), 1_410_972_672, "LlamaGen GPT-XXL"),
-    "gpt-3b": generator(gpt(24, 3200, 32), 3_096_659_200, "LlamaGen GPT-3B"),
-    "far-b-dual": generator(gpt(24, 1024, 16, k=2, head_layers=3), 417_104_896, "FAR-B: GPT-L + 3 head layers"),
-    "far-l-dual": generator(gpt(36, 1280, 20, k=2, head_layers=4), 901_195_520, "FAR-L: GPT-XL + 4 head layers"),
-    "far-b-triple": generator(gpt(24, 1024, 16, k=3, head_layers=3), 451_707_904, "FAR-B (triple)"),
-    "far-l-triple": generator(gpt(36, 1280, 20, k=3, head_layers=4), 944_776_960, "FAR-L (triple)"),
-    "gpt-tiny": generator(gpt(**TINY_GPT), None),
-    "far-dual-tiny": generator(gpt(**TINY_GPT, k=2, head_layers=1), None),
-    "far-triple-tiny": generator(gpt(**TINY_GPT, k=3, head_layers=1), None),
+    "gpt-b": gpt(12, 768, 12, 110_888_448, "LlamaGen GPT-B"),
+    "gpt-l": gpt(24, 1024, 16, 342_910_976, "LlamaGen GPT-L"),
+    "gpt-xl": gpt(36, 1280, 20, 774_699_520, "LlamaGen GPT-XL"),
+    "gpt-xxl": gpt(48, 1536, 24, 1_410_972_672, "LlamaGen GPT-XXL"),
+    "gpt-3b": gpt(24, 3200, 32, 3_096_659_200, "LlamaGen GPT-3B"),
+    "far-b-dual": gpt(24, 1024, 16, 417_104_896, "FAR-B: GPT-L + 3 head layers", k=2, head_layers=3),
+    "far-l-dual": gpt(36, 1280, 20, 901_195_520, "FAR-L: GPT-XL + 4 head layers", k=2, head_layers=4),
+    "far-b-triple": gpt(24, 1024, 16, 451_707_904, "FAR-B (triple)", k=3, head_layers=3),
+    "far-l-triple": gpt(36, 1280, 20, 944_776_960, "FAR-L (triple)", k=3, head_layers=4),
+    "gpt-tiny": gpt(**TINY_GPT, params=None),
+    "far-dual-tiny": gpt(**TINY_GPT, params=None, k=2, head_layers=1),
+    "far-triple-tiny": gpt(**TINY_GPT, params=None, k=3, head_layers=1),
 }
 
 
@@ -80,8 +118,8 @@ def build_model(name: str, **overrides) -> nn.Module:
     if name not in MODELS:
         close = difflib.get_close_matches(name, list(MODELS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise KeyError(f"unknown model {name!r}{hint}; registered: {', '.join(MODELS)}")
+        raise RecipeError(f"unknown model {name!r}{hint}; registered: {', '.join(MODELS)}")
     return MODELS[name].build(**overrides)
 
 
-__all__ = ["MODELS", "Entry", "build_model"]
+__all__ = ["MODELS", "Entry", "build_model", "config_from_dict"]

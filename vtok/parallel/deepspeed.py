@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from vtok.config.schema import OptimConfig
+from vtok.parallel.dist import any_rank_flags
 from vtok.parallel.strategy import Strategy, apply_activation_checkpointing, zero_loss
 
 
@@ -21,6 +22,9 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    # The engine owns the gradient buffers and a "skipped" step still updates Adam's moments (lr 0),
+    # so a NaN backward would poison them: losses are checked per micro-batch (one host sync each).
+    lazy_skip = False
 
     def ds_config(self, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict[str, Any]:
         cfg = {
@@ -64,7 +68,20 @@ class DeepSpeedStrategy(Strategy):
         for frozen in getattr(task, "frozen", {}).values():
             frozen.to(self.info.device).eval().requires_grad_(False)
         task.modules = dict(self.wrapped)
+        task.strategy = self
         self.task = task
+
+    @contextlib.contextmanager
+    def gathered(self, name: str):
+        """ZeRO-3 partitions every parameter: gather them all for the duration (collective)."""
+        module = self.raw[name]
+        if self.cfg.deepspeed.zero_stage != 3:
+            yield module
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            yield module
 
     def begin_phase(self, name: str) -> None:
         """Freeze other phases' modules and let the task call them *unwrapped*: an engine whose
@@ -96,8 +113,13 @@ class DeepSpeedStrategy(Strategy):
             loss = zero_loss(self.phase_modules(name))
         self.backward(loss, name, last, grad_accum)
 
-    def step(self, name: str, max_norm: float, skip: bool = False) -> float:
+    def step(self, name: str, max_norm: float,
+             skip: bool | torch.Tensor = False) -> tuple[torch.Tensor | float, bool]:
+        """The engine's step (the weights change only at the accumulation boundary); returns
+        (grad norm, skipped). ``skip`` may be a device flag tensor: reduced over ranks here."""
         engine = self.engines[name]
+        if torch.is_tensor(skip):
+            skip = any_rank_flags(skip)[0]
         if skip:  # lr 0 leaves the weights as they are; Adam's moments still see this step
             saved = [g["lr"] for g in engine.optimizer.param_groups]
             for g in engine.optimizer.param_groups:
@@ -106,8 +128,8 @@ class DeepSpeedStrategy(Strategy):
         if skip:
             for g, lr in zip(engine.optimizer.param_groups, saved):
                 g["lr"] = lr
-        norm = engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = engine.get_global_grad_norm()  # a float or a device tensor: converted when logged
+        return (norm if norm is not None else float("nan")), bool(skip)
 
     def save(self, path: Path, extra: dict[str, dict[str, torch.Tensor]]) -> None:
         for name, engine in self.engines.items():
@@ -128,3 +150,18 @@ class DeepSpeedStrategy(Strategy):
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
         return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+
+
+def read_zero_module(path: Path, name: str, template: torch.nn.Module, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Module ``name``'s fp32 weights from the ZeRO files of its engine (tagged with the optimizer
+    that owns it, from ``meta['phases']``), merged over ``template``'s buffers. DeepSpeed's reader
+    unpickles its own files: only read checkpoints vtok wrote (see the README's security note)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    phases = meta.get("phases") or {name: [name]}
+    tag = next((opt for opt, mods in phases.items() if name in mods), None)
+    if tag is None:
+        raise FileNotFoundError(f"{path}: no optimizer of this checkpoint owns module '{name}'")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    buffers = {k: v for k, v in template.state_dict().items() if k not in state}
+    return {**buffers, **{k: v.float() for k, v in state.items()}}

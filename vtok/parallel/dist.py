@@ -76,6 +76,16 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def any_rank_flags(flags: torch.Tensor) -> list[bool]:
+    """Element-wise "true on any rank" of a small flag tensor kept on the device: one all-reduce
+    (when distributed) and one device->host copy for all of them."""
+    t = flags.detach().reshape(-1).float()
+    if dist.is_initialized():
+        t = t.to(_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]
+
+
 def all_mean(values: dict[str, float]) -> dict[str, float]:
     """Mean of each scalar over ranks (for logging); one all-reduce for the whole dict."""
     if not dist.is_initialized() or not values:
@@ -98,8 +108,3 @@ def broadcast_object(obj, src: int = 0):
 
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -48,6 +48,17 @@ class FSDP2Strategy(Strategy):
         with self.autocast():
             yield
 
+    @contextlib.contextmanager
+    def gathered(self, name: str) -> Iterator[nn.Module]:
+        """FSDP2 gathers a root module's own parameters (embeddings, final norm, output heads) only in
+        its forward; unshard them here. Blocks gather theirs in their own forwards."""
+        module = self.raw[name]
+        module.unshard()
+        try:
+            yield module
+        finally:
+            module.reshard()
+
     def _group(self, name: str) -> nn.Module:
         modules = self.phase_modules(name)
         return modules[0] if len(modules) == 1 else nn.ModuleList(modules)
@@ -82,3 +93,23 @@ class FSDP2Strategy(Strategy):
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.raw[name], options=opts)
+
+
+def read_dcp_module(path: Path, name: str, template: nn.Module, ema: bool) -> dict[str, torch.Tensor]:
+    """Module ``name`` (and its EMA with ``ema``) from an FSDP2 DCP checkpoint, as full tensors, in
+    one process (DCP reshards to the plain template's shapes; no process group needed)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = {k: torch.empty_like(v, device="cpu") for k, v in template.state_dict().items()}
+    wanted: dict[str, dict[str, torch.Tensor]] = {f"model.{name}": model}
+    if ema:
+        wanted[f"ema-{name}"] = {k: torch.empty(p.shape, dtype=torch.float32)
+                                 for k, p in template.named_parameters()}
+    no_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    try:
+        dcp.load(wanted, checkpoint_id=str(path / "dcp"), no_dist=no_dist)
+    except Exception as e:  # DCP reports missing keys as a generic CheckpointException
+        what = f"an EMA of '{name}'" if ema else f"module '{name}'"
+        raise FileNotFoundError(f"{path}/dcp holds no {what} ({type(e).__name__}); "
+                                f"{'export without --ema' if ema else 'check the recipe'}") from None
+    return {**model, **wanted.get(f"ema-{name}", {})}

@@ -7,7 +7,7 @@ The trainer talks to a strategy through this small interface, per optimizer *pha
     with strategy.micro_batch(name, last):          # no grad sync except on the last micro-batch
         loss = task.loss(...)
     strategy.backward(loss, name, last)
-    grad_norm = strategy.step(name, skip)           # clip + optimizer step
+    grad_norm, skipped = strategy.step(name, max_norm, bad)  # clip + optimizer step (or not)
     strategy.end_phase(name)
 
 ``DDPStrategy`` (this file; also the single-process path) keeps full replicas; ``FSDP2Strategy``
@@ -17,7 +17,6 @@ hands each optimizer's module to a ZeRO engine.
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from vtok.config.schema import OptimConfig, ParallelConfig
-from vtok.parallel.dist import DistInfo, barrier
+from vtok.parallel.dist import DistInfo, any_rank_flags, barrier
 
 
 def blocks_of(module: nn.Module) -> list[nn.Module]:
@@ -56,6 +55,10 @@ class Strategy:
     """Base class and the shared bookkeeping; subclasses override wrapping, sync and checkpoints."""
 
     name = "ddp"  # the base class is also the DDP / single-process strategy
+    # True: the trainer backpropagates every micro-batch, checks the losses on the device and passes
+    # the flag to step(), which drops the whole phase (no host sync per micro-batch). False: the
+    # trainer checks each loss on the host and calls skip_micro_batch instead of a NaN backward.
+    lazy_skip = True
 
     def __init__(self, cfg: ParallelConfig, info: DistInfo, precision: str):
         self.cfg, self.info, self.precision = cfg, info, precision
@@ -86,6 +89,7 @@ class Strategy:
         for opt_name, modules in self.phases.items():
             self.optimizers[opt_name] = build_adamw([self.raw[m] for m in modules], optim_cfgs[opt_name])
         task.modules = dict(self.wrapped)
+        task.strategy = self
 
     def wrap_module(self, name: str, module: nn.Module, compile: bool) -> nn.Module:
         if compile:
@@ -105,6 +109,19 @@ class Strategy:
 
     def optimizer(self, name: str) -> torch.optim.Optimizer:
         return self.optimizers[name]
+
+    # ---- access for tasks (through TrainTask.unwrapped / TrainTask.gathered) --------------------
+    def unwrap(self, name: str) -> nn.Module:
+        """Module ``name`` without its DDP / engine wrapper (for attributes and methods other than
+        ``forward``; its forward does not sync gradients)."""
+        return self.raw[name]
+
+    @contextlib.contextmanager
+    def gathered(self, name: str) -> Iterator[nn.Module]:
+        """Module ``name`` with every parameter usable outside ``forward`` (e.g. ``generate``) for the
+        duration; collective under sharding strategies, so every rank enters it together. Replicated
+        parameters (DDP, single process) need nothing."""
+        yield self.raw[name]
 
     def phase_modules(self, name: str) -> list[nn.Module]:
         return [self.raw[m] for m in self.phases[name]]
@@ -139,25 +156,38 @@ class Strategy:
         (loss / grad_accum).backward()
 
     def skip_micro_batch(self, name: str, last: bool, grad_accum: int) -> None:
-        """A micro-batch whose loss was non-finite on some rank: no backward (the step is skipped)."""
+        """Only when ``lazy_skip`` is False: a micro-batch whose loss was non-finite on some rank
+        gets no backward (the step is skipped)."""
 
-    def step(self, name: str, max_norm: float, skip: bool = False) -> float:
-        """Clip and step the phase's optimizer (unless ``skip``); returns the pre-clip grad norm."""
+    def step(self, name: str, max_norm: float,
+             skip: bool | torch.Tensor = False) -> tuple[torch.Tensor | float, bool]:
+        """Clip and step the phase's optimizer; returns (pre-clip grad norm, skipped).
+
+        ``skip`` means "a loss of this phase was non-finite": a bool every rank agrees on, or this
+        rank's 0-dim flag tensor on the device, OR-reduced over ranks here (its non-finite gradients
+        were computed and are dropped). ``skipped`` is that reduced flag; the norm is NaN then. A
+        non-finite grad norm also leaves the step out (not counted as skipped). One host sync for
+        the decision; the norm stays on the device."""
         opt = self.optimizers[name]
-        norm = float("nan")
-        if not skip:
-            params = [p for m in self.phase_modules(name) for p in m.parameters() if p.grad is not None]
-            norm = self.clip(params, max_norm)
-            if math.isfinite(norm):
-                opt.step()
-        opt.zero_grad(set_to_none=True)
-        return norm
+        if not torch.is_tensor(skip) and skip:
+            opt.zero_grad(set_to_none=True)
+            return float("nan"), True
+        params = [p for m in self.phase_modules(name) for p in m.parameters() if p.grad is not None]
+        norm = self.clip(params, max_norm)
+        flag = skip.reshape(()) if torch.is_tensor(skip) else torch.zeros((), device=norm.device)
+        flags = torch.stack([flag.to(norm.device).float(), (~torch.isfinite(norm)).float()])
+        bad, bad_norm = any_rank_flags(flags)
+        if not (bad or bad_norm):
+            opt.step()
+        opt.zero_grad(set_to_none=True)  # also drops the NaN gradients of a skipped phase
+        return (float("nan") if bad else norm), bad
 
-    def clip(self, params: list[torch.Tensor], max_norm: float) -> float:
+    def clip(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip ``params``' gradients in place; the pre-clip total norm, a 0-dim tensor on the device."""
         if not params:
-            return 0.0
+            return torch.zeros((), device=self.info.device)
         total = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        return float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        return total.full_tensor() if hasattr(total, "full_tensor") else total
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, path: Path, extra: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -216,6 +246,37 @@ def build_strategy(cfg: ParallelConfig, info: DistInfo, precision: str) -> Strat
 
         return DeepSpeedStrategy(cfg, info, precision)
     return Strategy(cfg, info, precision)
+
+
+def read_checkpoint_module(path: Path, name: str, template: nn.Module, ema: bool = False
+                           ) -> dict[str, torch.Tensor]:
+    """Full float weights of module ``name`` from the vtok checkpoint directory ``path``, read in this
+    process without wrapping anything, whichever strategy wrote it (``meta.json`` says): replicated
+    safetensors (DDP), DCP shards (FSDP2, resharded to full tensors) or DeepSpeed's ZeRO files.
+    ``template``: a plain module of the same structure (gives names and shapes). ``ema``: the EMA
+    shadow replaces the parameters it covers (an error when the checkpoint has none)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "meta.json").read_text())
+    strategy = meta.get("strategy", "ddp")
+    if strategy == "fsdp2":
+        from vtok.parallel.fsdp import read_dcp_module
+
+        return read_dcp_module(path, name, template, ema)
+    if strategy == "deepspeed":
+        from vtok.parallel.deepspeed import read_zero_module
+
+        state = read_zero_module(path, name, template, meta)
+    else:
+        state = load_file(str(path / f"model-{name}.safetensors"))
+    if ema:
+        file = path / f"ema-{name}.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} holds no EMA of '{name}' (train.ema.decay was 0); export without --ema")
+        state.update(load_file(str(file)))
+    return state
 
 
 def extra_state(ema: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,7 +1,7 @@
 """``vtok precompute codes``: a frozen tokenizer turns image shards into code shards.
 
 Input shard i becomes output shard i (same format unless ``--format``), with ``__key__``, ``codes``
-(int16 when the vocabulary fits, else int32; shape ``token_shape``, or ``(2, *token_shape)`` with
+(int16 when the vocabulary fits, else int32; shape ``token_spec.shape``, or ``(2, *shape)`` with
 ``--flip``: the image and its mirror, as LlamaGen's code extraction augments) and ``cls`` /
 ``caption`` passed through. Ranks take every ``world_size``-th shard; finished output shards are
 skipped, so a killed job resumes where it stopped; each shard is written atomically.
@@ -16,44 +16,31 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from vtok.data.shards import ShardSource
 from vtok.data.transforms import BadSample, ImageTransform
 from vtok.data.writers import finalize, shard_name, write_shard
-from vtok.models.registry import build_model
+from vtok.models.api import TokenSpec
+from vtok.models.export import load_export
 from vtok.parallel.dist import DistInfo, barrier
 
 log = logging.getLogger("vtok.precompute")
-PASS_THROUGH = ("cls", "caption")
-
-
-def load_tokenizer(export_dir: str | Path, device: torch.device) -> torch.nn.Module:
-    """The tokenizer ``vtok export`` wrote (``config.json`` + ``tokenizer.safetensors``), in eval mode."""
-    export_dir = Path(export_dir)
-    config_path = export_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found; export the tokenizer first: "
-                                "vtok export RECIPE --out DIR")
-    config = json.loads(config_path.read_text())
-    weights = next((p for p in (export_dir / "tokenizer.safetensors", export_dir / "model.safetensors")
-                    if p.is_file()), None)
-    if weights is None or "arch" not in config:
-        raise FileNotFoundError(f"{export_dir} holds no exported tokenizer (tokenizer.safetensors + arch)")
-    state = load_file(str(weights))
-    has_heads = any(k.startswith("align_heads.") for k in state)
-    model = build_model(config["arch"], **({} if has_heads else {"align": {}}))
-    model.load_state_dict(state)
-    return model.to(device).eval()
+PASS_THROUGH = ("cls", "caption", "json")
 
 
 @torch.no_grad()
-def encode_shard(model, samples: Iterator[dict[str, Any]], transform: ImageTransform, flip: bool,
-                 batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
+def code_dtype(spec: TokenSpec) -> np.dtype:
+    """int16 when every vocabulary fits (ids < 32,768), else int32; float16 for continuous tokens."""
+    if not spec.discrete:
+        return np.dtype(np.float16)
+    return np.dtype(np.int16 if max(spec.vocab_sizes) <= np.iinfo(np.int16).max + 1 else np.int32)
+
+
+def encode_shard(model, spec: TokenSpec, samples: Iterator[dict[str, Any]], transform: ImageTransform,
+                 flip: bool, batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
     """Schema samples with images -> schema samples with ``codes`` (images dropped)."""
-    vocab = max(model.vocab_sizes)
-    dtype = np.int16 if vocab <= np.iinfo(np.int16).max + 1 else np.int32
+    dtype = code_dtype(spec)
     batch: list[dict[str, Any]] = []
 
     def flush() -> Iterator[dict[str, Any]]:
@@ -84,7 +71,8 @@ def precompute_codes(export_dir: str, data: str, out: str, info: DistInfo, *, ou
                      resolution: int = 256, flip: bool = False, batch_size: int = 64,
                      progress: bool = True) -> int:
     """Encode every shard of ``data`` into ``out``; returns the number of shards this rank wrote."""
-    model = load_tokenizer(export_dir, info.device)
+    export = load_export(export_dir, "tokenizer", info.device)
+    model, spec = export.model, export.token_spec.at(resolution)  # one-line error for a wrong resolution
     source = ShardSource.open(data)
     out_format = out_format or source.format
     out_dir = Path(out)
@@ -95,15 +83,14 @@ def precompute_codes(export_dir: str, data: str, out: str, info: DistInfo, *, ou
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", desc=f"codes r{info.rank}",
                disable=not progress, dynamic_ncols=True)
     for i in todo:
-        samples = encode_shard(model, source.read(i), transform, flip, batch_size,
-                               info.device)
+        samples = encode_shard(model, spec, source.read(i), transform, flip, batch_size, info.device)
         write_shard(out_dir, out_format, i, samples)
         bar.update(1)
     bar.close()
     barrier()
     if info.is_main:
-        meta = {"tokenizer": str(Path(export_dir).resolve()), "token_shape": list(model.token_shape_for(resolution)),
-                "vocab_sizes": list(model.vocab_sizes), "flip": flip, "resolution": resolution}
+        meta = {"tokenizer": str(Path(export_dir).resolve()), "token_spec": spec.to_dict(), "flip": flip,
+                "resolution": resolution}
         (out_dir / "codes.json").write_text(json.dumps(meta, indent=1))
         total = finalize(out_dir, out_format)
         log.info("%s: %d code samples in %d shards", out_dir, total, len(source))

@@ -2,16 +2,14 @@
 
 The code shards come from ``vtok precompute codes``: per sample ``codes`` (k, *grid), or
 (2, k, *grid) with ``--flip`` (one of the two is drawn per sample and step, LlamaGen's augmentation),
-and ``cls``. The generator is sized from the shards' ``codes.json`` (``token_shape``, ``vocab_sizes``),
+and ``cls``. The generator is sized from the shards' ``codes.json`` (the tokenizer's ``token_spec``),
 so it never imports the tokenizer. Loss: cross-entropy of the next token (FAR: the mean over the k
 sub-codes).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 import torch
 
 from vtok.config import RecipeError
+from vtok.models.api import Condition, TokenSpec
+from vtok.models.export import load_export
 from vtok.models.registry import MODELS, build_model
 from vtok.train.task import TrainTask, register_task
 
@@ -36,33 +36,15 @@ def find_codes_meta(shards: str, explicit: str = "") -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"{path} not found: point data.train_shards at the output of `vtok precompute "
                           "codes`, or set model.codes_meta=PATH/codes.json")
-    return json.loads(path.read_text())
-
-
-@contextlib.contextmanager
-def full_root_params(model: torch.nn.Module):
-    """Make every parameter usable outside ``forward`` for the duration (generation runs other
-    methods): FSDP2 gathers a root module's own parameters (embeddings, final norm, output heads)
-    only in its forward, so gather them here (blocks gather theirs in their forwards); DeepSpeed
-    ZeRO-3 partitions all parameters, so gather them all. A no-op for unsharded modules. Every rank
-    must enter it together."""
-    if hasattr(model, "unshard"):  # FSDP2 module
-        model.unshard()
-        try:
-            yield
-        finally:
-            model.reshard()
-    elif getattr(model, "zero_optimization_stage", lambda: 0)() == 3:  # DeepSpeed engine
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.module.parameters())):
-            yield
-    else:
-        yield
+    meta = json.loads(path.read_text())
+    if "token_spec" not in meta:
+        raise RecipeError(f"{path} was written by an older vtok (no token_spec); re-run `vtok precompute codes`")
+    return meta
 
 
 @register_task("gpt")
 class GPTTask(TrainTask):
+    export_module = "gpt"
     @dataclass
     class Config:
         arch: str = "gpt-b"  # a generator in vtok.models.registry (gpt-*, far-*)
@@ -76,25 +58,29 @@ class GPTTask(TrainTask):
         eval_per_class: int = 8
         eval_guidance: float = 2.0
 
-    def __init__(self, cfg: "GPTTask.Config", recipe):
+    @classmethod
+    def build_export(cls, cfg: "GPTTask.Config", recipe) -> torch.nn.Module:
+        """The generator, sized from the code shards' ``codes.json`` (token grid, vocabularies)."""
         if cfg.arch not in MODELS or MODELS[cfg.arch].kind != "generator":
             known = ", ".join(n for n, e in MODELS.items() if e.kind == "generator")
             raise RecipeError(f"model.arch={cfg.arch!r} is not a registered generator; known: {known}")
-        meta = find_codes_meta(recipe.data.train_shards, cfg.codes_meta)
-        shape = [int(s) for s in meta["token_shape"]]  # (k, *grid)
-        k = len(meta["vocab_sizes"])
-        self.cfg = cfg
-        self.build_kwargs = dict(vocab_sizes=tuple(meta["vocab_sizes"]), token_shape=tuple(shape[1:]),
-                                 num_classes=cfg.num_classes, class_dropout=cfg.class_dropout,
-                                 token_dropout=cfg.token_dropout, dropout=cfg.dropout)
-        with torch.device("meta"):
-            heads = build_model(cfg.arch).num_codebooks
+        spec = TokenSpec.from_dict(find_codes_meta(recipe.data.train_shards, cfg.codes_meta)["token_spec"])
+        if not spec.discrete:
+            raise RecipeError(f"model.arch={cfg.arch}: the codes are continuous tokens; the gpt task models "
+                              "discrete codes (use a diffusion generator)")
+        k, heads = len(spec.vocab_sizes), len(MODELS[cfg.arch].config.vocab_sizes)
         if heads != k:
             raise RecipeError(f"model.arch={cfg.arch} predicts {heads} sub-code(s) per token but the codes "
                               f"have {k}; pick a {'far-*' if k > 1 else 'gpt-*'} size")
-        model = build_model(cfg.arch, **self.build_kwargs)
-        self.token_shape = tuple(shape)
-        self.meta = meta
+        return build_model(cfg.arch, vocab_sizes=spec.vocab_sizes, token_shape=spec.shape[1:],
+                           num_classes=cfg.num_classes, class_dropout=cfg.class_dropout,
+                           token_dropout=cfg.token_dropout, dropout=cfg.dropout)
+
+    def __init__(self, cfg: "GPTTask.Config", recipe):
+        self.cfg = cfg
+        self.meta = find_codes_meta(recipe.data.train_shards, cfg.codes_meta)
+        self.spec = TokenSpec.from_dict(self.meta["token_spec"])
+        model = self.build_export(cfg, recipe)
         self._tokenizer: torch.nn.Module | bool | None = None  # None: not loaded yet; False: missing
         self.modules = {"gpt": model}
         self.optimizers = {"main": ["gpt"]}
@@ -103,16 +89,14 @@ class GPTTask(TrainTask):
 
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         codes, labels = batch["codes"], batch["cls"]
-        if codes.dim() == len(self.token_shape) + 2:  # (B, 2, k, *grid): image and mirror
+        if codes.dim() == len(self.spec.shape) + 2:  # (B, 2, k, *grid): image and mirror
             pick = torch.randint(0, codes.shape[1], (codes.shape[0],), device=codes.device)
             codes = codes[torch.arange(codes.shape[0], device=codes.device), pick]
         if labels.numel() and int(labels.max()) >= self.cfg.num_classes:
             raise RecipeError(f"class id {int(labels.max())} in the data >= model.num_classes="
                               f"{self.cfg.num_classes}; raise model.num_classes")
-        model = self.modules["gpt"]
-        inner = getattr(model, "module", model)
-        logits = model(codes, labels)
-        return inner.loss_from_logits(logits, codes)
+        logits = self.modules["gpt"](codes, Condition(labels=labels))
+        return self.unwrapped("gpt").loss_from_logits(logits, codes)
 
     @torch.no_grad()
     def evaluate(self, step: int, run_dir: str) -> dict[str, float]:
@@ -122,14 +106,13 @@ class GPTTask(TrainTask):
         FSDP2 / ZeRO-3 gather parameters as in training."""
         from vtok.eval.grid import save_grid
 
-        model = self.modules["gpt"]
-        inner = getattr(model, "module", model)
+        inner = self.unwrapped("gpt")
         device = inner.cls_embed.weight.device
         n = min(self.cfg.eval_classes, self.cfg.num_classes)
         labels = torch.arange(n, device=device).repeat_interleave(self.cfg.eval_per_class)
         start = time.perf_counter()
-        with full_root_params(model):
-            codes = inner.generate(labels, guidance=self.cfg.eval_guidance,
+        with self.gathered("gpt") as model:
+            codes = model.generate(Condition(labels=labels), guidance=self.cfg.eval_guidance,
                                    generator=torch.Generator(device).manual_seed(step))
         seconds = time.perf_counter() - start
         metrics = {"sample_seconds": seconds,  # distinct codes drawn, per sub-codebook: collapse shows here
@@ -145,11 +128,9 @@ class GPTTask(TrainTask):
     def _eval_tokenizer(self, device: torch.device) -> torch.nn.Module | None:
         """The tokenizer ``codes.json`` names, loaded once; None (warned once) when it is not there."""
         if self._tokenizer is None:
-            from vtok.precompute.codes import load_tokenizer
-
             path = Path(self.meta.get("tokenizer", ""))
             if (path / "config.json").is_file():
-                self._tokenizer = load_tokenizer(path, torch.device(device.type))
+                self._tokenizer = load_export(path, "tokenizer", torch.device(device.type)).model
             else:
                 log.warning("no sample grids: the tokenizer export named in codes.json (%r) is not there",
                             str(path))
@@ -157,11 +138,14 @@ class GPTTask(TrainTask):
         return self._tokenizer or None
 
     def tokens_per_sample(self) -> int:
-        return math.prod(self.token_shape[1:])
+        return self.spec.num_tokens
 
     def flops_per_sample(self) -> float:
         return 6.0 * self._params * self.tokens_per_sample()  # dense estimate, attention excluded
 
-    def export_config(self) -> dict[str, Any]:
-        return {"arch": self.cfg.arch, "kind": "generator", "gpt": {**self.build_kwargs},
-                "token_shape": list(self.token_shape), "vocab_sizes": list(self.build_kwargs["vocab_sizes"])}
+    @classmethod
+    def export_info(cls, cfg: "GPTTask.Config", recipe) -> dict[str, Any]:
+        """The tokens' spec and the tokenizer export they came from (both from ``codes.json``)."""
+        meta = find_codes_meta(recipe.data.train_shards, cfg.codes_meta)
+        return {"arch": cfg.arch, "token_spec": TokenSpec.from_dict(meta["token_spec"]),
+                "tokenizer": meta.get("tokenizer", "")}

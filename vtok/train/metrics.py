@@ -6,8 +6,9 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+import torch
 from tqdm import tqdm
 
 from vtok.config.schema import LogConfig
@@ -70,6 +71,20 @@ class MetricLogger:
             self.wandb.finish()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def to_floats(metrics: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
+    """Python floats for a dict of numbers and one-element tensors, with one device->host copy per
+    device (the trainer keeps step metrics on the device and converts them only to log)."""
+    out = {k: float(v) for k, v in metrics.items() if not torch.is_tensor(v)}
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in metrics.items():
+        if torch.is_tensor(v):
+            by_device.setdefault(v.device, []).append(k)
+    for keys in by_device.values():
+        values = torch.stack([metrics[k].detach().reshape(()).double() for k in keys]).tolist()
+        out.update(zip(keys, values))
+    return {k: out[k] for k in metrics}
 
 
 def _wandb_id(run_dir: Path) -> str:

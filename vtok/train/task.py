@@ -23,6 +23,7 @@ generator phase, then the discriminator phase, each with its own backward and op
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 from typing import Any, Callable
 
@@ -40,6 +41,19 @@ class TrainTask:
     optimizers: dict[str, list[str]]
     frozen: dict[str, nn.Module] = {}  # teachers etc.: moved to the device, never optimized/sharded
     ema_modules: tuple[str, ...] = ()  # default EMA targets when train.ema.modules is empty
+    export_module: str = ""  # the module `vtok export` writes (a Tokenizer or Generator); "" = none
+    strategy: Any = None  # set by the strategy's setup(); tasks use unwrapped() / gathered()
+
+    def unwrapped(self, name: str) -> nn.Module:
+        """Module ``name`` without its parallel wrapper, for attributes and non-forward methods."""
+        return self.strategy.unwrap(name) if self.strategy is not None else self.modules[name]
+
+    def gathered(self, name: str) -> contextlib.AbstractContextManager[nn.Module]:
+        """Context giving module ``name`` with all parameters usable outside ``forward`` (sharded
+        strategies gather them; collective: every rank enters together)."""
+        if self.strategy is None:
+            return contextlib.nullcontext(self.modules[name])
+        return self.strategy.gathered(name)
 
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Scalar loss of optimizer ``phase`` on one micro-batch, and metrics to log."""
@@ -61,8 +75,16 @@ class TrainTask:
         """Optional eval hook, called every ``train.eval_every`` steps on every rank."""
         return {}
 
-    def export_config(self) -> dict[str, Any]:
-        """What ``vtok export`` writes to config.json beside the weights."""
+    @classmethod
+    def build_export(cls, cfg: Any, recipe: Recipe) -> nn.Module:
+        """Just the module ``vtok export`` writes (``export_module``), built from the recipe without
+        data, teachers or loss networks; ``__init__`` builds it through here too."""
+        raise NotImplementedError(f"task {cls.__name__} exports nothing")
+
+    @classmethod
+    def export_info(cls, cfg: Any, recipe: Recipe) -> dict[str, Any]:
+        """What the export records besides the model's own config: at least ``arch`` (the registry
+        name), optionally ``token_spec`` (the tokens' TokenSpec, for generators) and provenance."""
         return {}
 
 
@@ -79,18 +101,32 @@ def register_task(name: str) -> Callable[[type[TrainTask]], type[TrainTask]]:
     return deco
 
 
-def build_task(recipe: Recipe) -> TrainTask:
-    """Instantiate ``recipe.train.task`` with ``recipe.model`` checked against the task's Config."""
+def task_class(name: str) -> type[TrainTask]:
+    """The registered TrainTask ``name`` (one-line RecipeError with a hint when unknown)."""
     import vtok.tasks  # noqa: F401  (registers the built-in tasks)
 
-    name = recipe.train.task
     if name not in TASKS:
         close = difflib.get_close_matches(name, list(TASKS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         known = ", ".join(sorted(TASKS)) or "none registered"
         raise RecipeError(f"train.task={name!r} is not a registered task{hint}; known: {known}")
-    cls = TASKS[name]
-    cfg = load_section(cls.Config, recipe.model, "model.", f"model section of task {name!r}")
+    return TASKS[name]
+
+
+def validate_model_section(recipe: Recipe) -> Any:
+    """``recipe.model`` checked strictly against its task's Config, without building anything;
+    returns the Config (None when the recipe names no task). Raises a one-line RecipeError."""
+    name = recipe.train.task
+    if not name:
+        return None
+    return load_section(task_class(name).Config, recipe.model, "model.", f"model section of task {name!r}")
+
+
+def build_task(recipe: Recipe) -> TrainTask:
+    """Instantiate ``recipe.train.task`` with ``recipe.model`` checked against the task's Config."""
+    name = recipe.train.task
+    cls = task_class(name)
+    cfg = validate_model_section(recipe)
     task = cls(cfg, recipe)
     unknown = {m for mods in task.optimizers.values() for m in mods} - set(task.modules)
     if unknown:

@@ -24,11 +24,11 @@ import torch
 
 from vtok.config import Recipe, RecipeError, recipe_to_yaml
 from vtok.config.schema import OptimConfig
-from vtok.parallel.dist import all_mean, any_rank, barrier, init_distributed
+from vtok.parallel.dist import all_mean, any_rank_flags, barrier, init_distributed
 from vtok.parallel.strategy import build_strategy, extra_state
 from vtok.train.checkpoint import CheckpointManager, resolve_resume
 from vtok.train.ema import EMA
-from vtok.train.metrics import MetricLogger
+from vtok.train.metrics import MetricLogger, to_floats
 from vtok.train.optim import lr_at, set_lr
 from vtok.train.preemption import PreemptionWatcher
 from vtok.train.task import TrainTask, build_task
@@ -114,7 +114,7 @@ class Trainer:
         self.loader = loader
         self.run_dir = Path(recipe.run_dir)
         self.ckpt = CheckpointManager(recipe.ckpt.dir or self.run_dir / "checkpoints",
-                                      recipe.ckpt.keep_last, self.info)
+                                      recipe.ckpt.keep_last, self.info, trust=recipe.ckpt.trust)
         self.step = 0
 
     def _optim_configs(self) -> dict[str, OptimConfig]:
@@ -141,7 +141,7 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else {}}
         meta = {"strategy": self.strategy.name, "recipe": self.recipe.name, "git_commit": git_commit(),
-                "grad_accum": self.grad_accum}
+                "grad_accum": self.grad_accum, "phases": self.strategy.phases}
         return self.ckpt.save(self.step, self.strategy, extra_state(self.ema), state, meta)
 
     def load(self, path: Path) -> None:
@@ -185,9 +185,8 @@ class Trainer:
                     ema.update(self.strategy.raw[self._ema_name(ema)])
                 logger.advance()
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
-                    seconds = time.perf_counter() - t0
                     samples = sum(self.task.batch_size(b) for b in micro) * self.info.world_size
-                    last = self._throughput(metrics, samples, seconds, t_data, peak)
+                    last = self._throughput(metrics, samples, t0, t_data, peak)  # syncs the device
                     last = all_mean(last)
                     last["bad_steps_in_a_row"] = bad_in_a_row
                     logger.log(self.step, last)
@@ -211,41 +210,56 @@ class Trainer:
     def _ema_name(self, ema: EMA) -> str:
         return next(n for n, e in self.ema.items() if e is ema)
 
-    def train_step(self, micro: list[dict[str, Any]]) -> tuple[dict[str, float], bool]:
-        """All optimizer phases on one global batch; returns (metrics, whether a phase was skipped)."""
-        metrics: dict[str, float] = {}
-        any_bad = False
+    def train_step(self, micro: list[dict[str, Any]]) -> tuple[dict[str, float | torch.Tensor], bool]:
+        """All optimizer phases on one global batch; returns (metrics, whether a phase was skipped).
+
+        The metrics stay on the device (``_throughput`` makes them floats on log steps). The only
+        host sync is each phase's skip decision in ``strategy.step``: every micro-batch is
+        backpropagated, and a non-finite loss on any rank drops the phase's gradients and step.
+        Strategies with ``lazy_skip`` False check each loss instead and skip the rest of the phase.
+        """
+        metrics: dict[str, float | torch.Tensor] = {}
+        any_bad, lazy = False, self.strategy.lazy_skip
         for phase, cfg in self.optim_cfgs.items():
             if self.step < cfg.start_step:
                 continue
             lr = lr_at(cfg, self.step, self.recipe.train.steps)
             set_lr(self.strategy.optimizer(phase), lr)
             self.strategy.begin_phase(phase)
-            sums: dict[str, float] = {}
+            sums: dict[str, float | torch.Tensor] = {}
+            nonfinite: torch.Tensor | None = None  # this rank's flag, on the device
             bad = False
             for i, batch in enumerate(micro):
                 last = i == len(micro) - 1
                 if not bad:
                     with self.strategy.micro_batch(phase, last):
                         loss, extra = self.task.loss(phase, batch, self.step)
-                    bad = any_rank(not bool(torch.isfinite(loss).all()))
+                    flag = ~torch.isfinite(loss.detach()).all()
+                    if lazy:
+                        nonfinite = flag if nonfinite is None else nonfinite | flag
+                    else:
+                        bad = any_rank_flags(flag)[0]
                 if bad:
                     self.strategy.skip_micro_batch(phase, last, self.grad_accum)
                     continue
                 self.strategy.backward(loss, phase, last, self.grad_accum)
                 for k, v in {"loss": loss, **extra}.items():
-                    value = v.detach() if torch.is_tensor(v) else v
-                    sums[k] = sums.get(k, 0.0) + float(value) / len(micro)
-            norm = self.strategy.step(phase, self.recipe.train.grad_clip, skip=bad)
+                    value = v.detach().float() if torch.is_tensor(v) else float(v)
+                    sums[k] = sums.get(k, 0.0) + value / len(micro)
+            skip = (nonfinite if nonfinite is not None else False) if lazy else bad
+            norm, bad = self.strategy.step(phase, self.recipe.train.grad_clip, skip=skip)
             self.strategy.end_phase(phase)
             any_bad = any_bad or bad
             metrics.update({f"{phase}/{k}": v for k, v in sums.items()})
             metrics.update({f"{phase}/lr": lr, f"{phase}/grad_norm": norm, f"{phase}/skipped": float(bad)})
         return metrics, any_bad
 
-    def _throughput(self, metrics: dict[str, float], samples: int, seconds: float, t_data: float,
-                    peak_tflops: float) -> dict[str, float]:
-        out = dict(metrics)
+    def _throughput(self, metrics: dict[str, float | torch.Tensor], samples: int, started: float,
+                    t_data: float, peak_tflops: float) -> dict[str, float]:
+        """The step's metrics as floats (one device->host copy, which also waits for the step to
+        finish) plus throughput since ``started`` (the step's ``perf_counter`` start)."""
+        out = to_floats(metrics)
+        seconds = time.perf_counter() - started
         out["samples_per_s"] = samples / seconds
         out["step_time_s"] = seconds
         out["data_time_s"] = t_data
@@ -268,27 +282,22 @@ class Trainer:
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "started_at": time.time()}
         (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
 
-    def export(self, out_dir: str | Path, use_ema: bool = False) -> list[Path]:
-        """Write ``<module>.safetensors`` + ``config.json`` for inference (call on every rank)."""
-        from safetensors.torch import save_file
+    def export(self, out_dir: str | Path, use_ema: bool = False) -> Path:
+        """Write the task's export module in the export format (call on every rank; rank 0 writes).
+        ``use_ema``: the EMA weights where the module has an EMA."""
+        from vtok.train.export import ExportUnsupported, write_export
 
-        out = Path(out_dir)
-        written = []
-        for name in self.strategy.raw:
-            if use_ema and name in self.ema:
-                state = {k: v.detach().float().cpu() for k, v in self.ema[name].state_dict().items()}
-                full = self.strategy.export_state_dict(name)
-                state = {**full, **{k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}}
-            else:
-                state = self.strategy.export_state_dict(name)
-            if self.info.is_main:
-                out.mkdir(parents=True, exist_ok=True)
-                path = out / ("model.safetensors" if len(self.strategy.raw) == 1 else f"{name}.safetensors")
-                save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-                written.append(path)
+        name = self.task.export_module
+        if not name:
+            raise ExportUnsupported(f"task {self.recipe.train.task!r} declares no export module")
+        state = self.strategy.export_state_dict(name)
+        if use_ema and name in self.ema:
+            shadow = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                      for k, v in self.ema[name].state_dict().items()}
+            state = {**state, **{k: v.detach().float().cpu() for k, v in shadow.items()}}
+        path = Path(out_dir) / "model.safetensors"
         if self.info.is_main:
-            config = {"recipe": self.recipe.name, "task": self.recipe.train.task, "step": self.step,
-                      "model": dict(self.recipe.model), "ema": use_ema, **self.task.export_config()}
-            (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+            path = write_export(out_dir, type(self.task), self.task.cfg, self.recipe, self.strategy.raw[name],
+                                state, step=self.step, ema=use_ema and name in self.ema)
         barrier()
-        return written
+        return path

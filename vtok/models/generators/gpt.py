@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vtok.models.api import Condition, TokenSpec
 from vtok.models.generators.sampling import guidance_at, sample_logits
 from vtok.models.layers import Block, KVCache, RMSNorm, rope_1d, rope_for_shape
 
@@ -89,6 +90,14 @@ class GPT(nn.Module):
         for out in self.out:
             nn.init.zeros_(out.weight)
 
+    @property
+    def token_spec(self) -> TokenSpec:
+        """The tokens this generator models: (k, *token_shape) over ``vocab_sizes``, class-conditional.
+        (The resolution belongs to the tokenizer; exports record the tokenizer's full spec.)"""
+        cfg = self.cfg
+        return TokenSpec(shape=(len(cfg.vocab_sizes), *cfg.token_shape), resolution=0,
+                         vocab_sizes=cfg.vocab_sizes, condition="class")
+
     def blocks(self) -> Iterable[nn.Module]:
         """The unit of FSDP sharding and activation checkpointing."""
         return [*self.layers, *self.head]
@@ -129,19 +138,22 @@ class GPT(nn.Module):
         return [self.out[j](x[:, :, j]).float() for j in range(n - 1 if last_only else 0, n)]
 
     # -- training ----------------------------------------------------------------------------
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-        """Teacher-forced logits: codes (B, k, *grid), labels (B,) -> k tensors (B, L, V_j)."""
+    def forward(self, codes: torch.Tensor, cond: Condition) -> list[torch.Tensor]:
+        """Teacher-forced logits: codes (B, k, *grid), cond.labels (B,) -> k tensors (B, L, V_j)."""
         codes = self._flat(codes)
+        labels = self._labels(cond)
         x = torch.cat([self.embed_labels(labels, drop=self.training), self.embed_codes(codes[:, :, :-1])], 1)
         return self.head_logits(self.trunk(self.token_drop(x)), codes)
 
-    def loss(self, codes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean of the k sub-code cross-entropies (FAR), and per-codebook loss / accuracy."""
-        return self.loss_from_logits(self(codes, labels), codes)
+    def _labels(self, cond: Condition) -> torch.Tensor:
+        if cond.labels is None:
+            raise ValueError("GPT is class-conditional: the Condition needs labels (B,)")
+        return cond.labels.long()
 
     def loss_from_logits(self, logits: list[torch.Tensor], codes: torch.Tensor
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``loss`` given ``forward``'s logits (for callers that run forward through a wrapper)."""
+        """Mean of the k sub-code cross-entropies (FAR) and per-codebook loss / accuracy, from
+        ``forward``'s logits (callers run forward through their parallel wrapper)."""
         flat = self._flat(codes)
         losses, metrics = [], {}
         for j, lg in enumerate(logits):
@@ -160,16 +172,21 @@ class GPT(nn.Module):
 
     # -- sampling ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, labels: torch.Tensor, *, guidance: float = 1.0, guidance_schedule: str = "constant",
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
-        """Sample codes (B, k, *grid) for class ids ``labels`` (B,).
+    def generate(self, cond: Condition, num_tokens: int | None = None, *, guidance: float = 1.0,
+                 guidance_schedule: str = "constant", temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Sample codes (B, k, *grid) for class ids ``cond.labels`` (B,); ``num_tokens`` must be None
+        or the full grid (this generator is fixed-length).
 
         Classifier-free guidance runs the conditional and the unconditional (null-class) rows in
         one batch and mixes logits as ``u + s (c - u)``, with ``s`` from ``guidance_schedule``
         ("constant", or "linear": 1 at the first token rising to ``guidance`` at the last). With
         ``guidance == 1`` only the conditional rows run. ``use_cache=False`` recomputes the whole
         prefix at every step (the baseline the KV cache is measured against)."""
+        if num_tokens not in (None, self.seq_len):
+            raise ValueError(f"num_tokens={num_tokens}: this generator always samples {self.seq_len} tokens")
+        labels = self._labels(cond)
         was_training = self.training
         self.eval()
         b, k, length = labels.shape[0], self.num_codebooks, self.seq_len
@@ -200,8 +217,3 @@ class GPT(nn.Module):
         self.train(was_training)
         return out.view(b, k, *self.cfg.token_shape)
 
-
-def count_params(cfg: GPTConfig) -> int:
-    """Parameters of ``GPT(cfg)``, counted on the meta device."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in GPT(cfg).parameters())

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from vtok.models.teachers.base import Teacher, check_weights_file, load_state_dict_safely, unknown_model_error
+from vtok.models.weights import load_state_dict_strict
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -57,15 +58,7 @@ def load_clip_teacher(model_name: str, weights_path: str, *, pretrained_tag: str
         if not tag_cfg:
             tags = open_clip.list_pretrained_tags_by_model(arch)
             raise ValueError(f"unknown open_clip pretrained tag {pretrained_tag!r} for {arch}; known: {tags}")
-    # open_clip (3.x) loads a local file via safetensors.load_file or torch.load(weights_only=True); pass
-    # the flag explicitly. Older open_clip has no such flag: refuse unsafe pickles ourselves first.
-    safe_kw: dict = {}
-    if "weights_only" in inspect.signature(open_clip.create_model).parameters:
-        safe_kw["weights_only"] = True
-    else:
-        load_state_dict_safely(weights_path)
-    model = open_clip.create_model(arch, pretrained=weights_path,
-                                   force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **safe_kw)
+    model = load_clip_model(arch, weights_path, quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
     visual = model.visual
     size = visual.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -85,3 +78,34 @@ def load_clip_teacher(model_name: str, weights_path: str, *, pretrained_tag: str
             feature_dim = encoder(torch.zeros(1, 3, height, width)).shape[-1]
     del model  # drop the text tower
     return Teacher(encoder, image_size=height, mean=mean, std=std, feature_dim=int(feature_dim))
+
+
+def load_clip_model(arch: str, weights_path: str, quick_gelu: bool) -> nn.Module:
+    """open_clip model ``arch`` with the full-model checkpoint ``weights_path``, nothing downloaded.
+
+    open_clip's ``load_checkpoint`` converts the file (third-party layouts, position-embedding
+    resizing) and its final ``load_state_dict`` goes through ``load_state_dict_strict``, so a file
+    for another model is a one-line WeightsError. The file is read with safetensors or
+    ``torch.load(weights_only=True)``; an open_clip without that flag gets the file checked first.
+    """
+    import open_clip
+
+    params = inspect.signature(open_clip.create_model).parameters
+    no_download = {k: False for k in ("pretrained_image", "pretrained_text", "pretrained_hf") if k in params}
+    model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu, **no_download)
+    safe_kw: dict = {}
+    if "weights_only" in inspect.signature(open_clip.load_checkpoint).parameters:
+        safe_kw["weights_only"] = True
+    else:
+        load_state_dict_safely(weights_path)  # refuses unsafe pickles before open_clip reads the file
+
+    def strict_load(state_dict, strict: bool = True, assign: bool = False) -> None:
+        del model.load_state_dict  # back to the class's method, which the helper calls
+        load_state_dict_strict(model, state_dict, weights_path)
+
+    model.load_state_dict = strict_load  # open_clip calls model.load_state_dict(state_dict, strict=...)
+    try:
+        open_clip.load_checkpoint(model, weights_path, **safe_kw)
+    finally:
+        model.__dict__.pop("load_state_dict", None)
+    return model

@@ -1,9 +1,11 @@
 """timm DINOv2 ViT as a frozen teacher (weights from a local file only, never downloaded)."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from vtok.models.teachers.base import Teacher, check_weights_file, load_state_dict_safely, unknown_model_error
+from vtok.models.weights import load_state_dict_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,16 +28,17 @@ def load_dinov2_teacher(model_name: str, weights_path: str, **overrides: Any) ->
         raise unknown_model_error("DINOv2", model_name, timm.list_models())
     check_weights_file(weights_path, "DINOv2", model_name, "model.teachers[].weights")
     kwargs = {"img_size": DEFAULT_IMAGE_SIZE, **overrides, "num_classes": 0}  # num_classes=0: pooled features
-    # Load the file ourselves (safetensors, or torch.load(weights_only=True)) rather than through
-    # pretrained_cfg_overlay(file=...): timm 1.0.31 also loads files safely, but older timm 1.0.x did not
-    # pass weights_only. The state_dict overlay still runs timm's checkpoint_filter_fn (original DINOv2
-    # key conversion, position-embedding resampling to img_size).
+    # Build the bare model and load the file ourselves (safetensors, or torch.load(weights_only=True)),
+    # through timm's own checkpoint filter of the architecture (original DINOv2 key conversion,
+    # position-embedding resampling to img_size), then a strict key/shape check with one-line errors.
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
     state_dict = load_state_dict_safely(weights_path)
-    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict),
-                              **kwargs)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    load_state_dict_strict(model, state_dict, weights_path)
     del state_dict
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    cfg.pop("state_dict", None)  # timm keeps the overlay in model.pretrained_cfg: free the checkpoint copy
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
         height, width = patch_embed.img_size

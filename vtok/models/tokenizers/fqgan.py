@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vtok.models.api import Condition, TokenSpec
 from vtok.models.layers import Block
 from vtok.models.quant import FactorizedQuantizer, L2VectorQuantizer, QuantizerOutput
 from vtok.models.tokenizers.vqgan import CNNConfig, Decoder, Encoder, norm
@@ -108,8 +108,7 @@ class FQGAN(nn.Module):
         self.cfg = cfg
         trunk = Encoder(cfg.cnn)
         self.conv_in, self.levels, self.mid = trunk.conv_in, trunk.levels, trunk.mid  # heads replace its output
-        use_adapters = cfg.num_codebooks > 1 and cfg.adapter_layers > 0
-        self.heads = nn.ModuleList(EncoderHead(cfg, use_adapters) for _ in range(cfg.num_codebooks))
+        self.heads = nn.ModuleList(EncoderHead(cfg, self.uses_adapters) for _ in range(cfg.num_codebooks))
         self.quantizer = FactorizedQuantizer(FactorizedQuantizer.Config(
             num_codebooks=cfg.num_codebooks, vq=cfg.vq, disentangle_weight=cfg.disentangle_weight))
         self.post_quant = nn.Conv2d(cfg.num_codebooks * cfg.vq.dim, cfg.cnn.z_channels, 1)
@@ -119,23 +118,25 @@ class FQGAN(nn.Module):
             for i, width in cfg.align.items()})
 
     @property
-    def token_shape(self) -> tuple[int, int, int]:
-        """Codes per image at the configured ``image_size``: (k, H/f, W/f)."""
-        return self.token_shape_for(self.cfg.image_size)
-
-    def token_shape_for(self, image_size: int) -> tuple[int, int, int]:
-        grid = image_size // self.cfg.cnn.downsample
-        return (self.cfg.num_codebooks, grid, grid)
+    def token_spec(self) -> TokenSpec:
+        """Codes (k, H/f, W/f) over k sub-codebooks at ``image_size``. With factor adapters (learned
+        positions over the grid) only ``image_size`` is accepted; a plain VQGAN takes any multiple of f."""
+        cfg = self.cfg
+        grid = cfg.grid
+        return TokenSpec(shape=(cfg.num_codebooks, grid, grid), resolution=cfg.image_size,
+                         vocab_sizes=(cfg.vq.codebook_size,) * cfg.num_codebooks, downsample=cfg.cnn.downsample,
+                         resolutions=(cfg.image_size,) if self.uses_adapters else ())
 
     @property
-    def vocab_sizes(self) -> tuple[int, ...]:
-        return (self.cfg.vq.codebook_size,) * self.cfg.num_codebooks
+    def uses_adapters(self) -> bool:
+        return self.cfg.num_codebooks > 1 and self.cfg.adapter_layers > 0
 
     def blocks(self) -> list[nn.Module]:
         """Units for FSDP sharding and activation checkpointing."""
         return [*self.levels, self.mid, *self.heads, *self.decoder.blocks()]
 
     def _quantize(self, images: torch.Tensor) -> QuantizerOutput:
+        self.token_spec.check_resolution(images.shape[-1])
         h = self.conv_in(images)
         for level in self.levels:
             h = level(h)
@@ -154,18 +155,12 @@ class FQGAN(nn.Module):
         return TokenizerOutput(self.decode_codes(quant.quantized), quant, aligned)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) -> indices (B, k, H/f, W/f)."""
+    def encode(self, images: torch.Tensor, cond: Condition | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> indices (B, k, H/f, W/f); ``cond`` is unused."""
         return self._quantize(images).indices
 
     @torch.no_grad()
-    def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices (B, k, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (not clamped)."""
-        return self.decode_codes(self.quantizer.lookup(indices))
-
-
-def alignment_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Batch InfoNCE over cosine similarities (no temperature), as in FQGAN: each predicted feature
-    should be closest to its own image's teacher feature among the batch. pred, target: (B, C)."""
-    logits = F.normalize(pred.float(), dim=-1) @ F.normalize(target.float(), dim=-1).t()
-    return F.cross_entropy(logits, torch.arange(len(pred), device=pred.device))
+    def decode(self, tokens: torch.Tensor, cond: Condition | None = None, **sampling) -> torch.Tensor:
+        """indices (B, k, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (not clamped); a deterministic
+        decoder, so ``cond`` and ``sampling`` are unused."""
+        return self.decode_codes(self.quantizer.lookup(tokens))

@@ -1,8 +1,8 @@
 """The VQGAN CNN encoder / decoder of LlamaGen's VQ-16 (and its x8 variant), used by FQGAN.
 
-Encoder: conv_in -> per level [ResBlock x num_res_blocks (+ self-attention at the lowest
-resolution)] with a stride-2 downsample between levels -> mid (res, attn, res) -> GroupNorm, SiLU,
-conv_out to ``z_channels``. The decoder mirrors it with ``num_res_blocks + 1`` blocks per level and
+Encoder trunk: conv_in -> per level [ResBlock x num_res_blocks (+ self-attention at the lowest
+resolution)] with a stride-2 downsample between levels -> mid (res, attn, res); each FQGAN factor
+head adds GroupNorm, SiLU and the conv to ``z_channels``. The decoder mirrors it with ``num_res_blocks + 1`` blocks per level and
 nearest-neighbour upsampling. ch 128, ch_mult (1, 1, 2, 2, 4) gives x16; (1, 2, 2, 4) gives x8.
 """
 from __future__ import annotations
@@ -103,7 +103,8 @@ class Mid(nn.Sequential):
 
 
 class Encoder(nn.Module):
-    """x (B, 3, H, W) in [-1, 1] -> z (B, z_channels, H/f, W/f)."""
+    """The encoder trunk: x (B, 3, H, W) in [-1, 1] -> features (B, ch * ch_mult[-1], H/f, W/f).
+    The output head (GroupNorm, SiLU, conv to ``z_channels``) belongs to each factor head (fqgan.py)."""
 
     def __init__(self, cfg: CNNConfig):
         super().__init__()
@@ -113,9 +114,7 @@ class Encoder(nn.Module):
             Level(cfg.ch * mults[i], cfg.ch * m, cfg.num_res_blocks, i == last,
                   Downsample(cfg.ch * m) if i != last else None, cfg.dropout)
             for i, m in enumerate(cfg.ch_mult))
-        top = cfg.ch * cfg.ch_mult[-1]
-        self.mid = Mid(top, cfg.dropout)
-        self.norm_out, self.conv_out = norm(top), nn.Conv2d(top, cfg.z_channels, 3, padding=1)
+        self.mid = Mid(cfg.ch * cfg.ch_mult[-1], cfg.dropout)
 
     def blocks(self):
         return [*self.levels, self.mid]
@@ -124,7 +123,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.levels:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.mid(h)
 
 
 class Decoder(nn.Module):
