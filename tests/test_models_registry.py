@@ -33,8 +33,10 @@ def test_full_size_builds_on_meta_with_published_count(name):
     if MODELS[name].kind == "tokenizer":
         assert isinstance(model, Tokenizer) and spec.resolution == 256
         assert spec.shape[1:] in ((16, 16), (32, 32))  # 256 px at x16 / x8
-    else:  # generators: LlamaGen's 16x16 token grid of a 256 px image at x16
+    elif spec.discrete:  # generators: LlamaGen's 16x16 token grid of a 256 px image at x16
         assert isinstance(model, Generator) and spec.num_tokens == 256 and spec.condition == "class"
+    else:  # diffusion generators: DiT's 32x32x4 SD-VAE latents of a 256 px image
+        assert isinstance(model, Generator) and spec.shape == (4, 32, 32) and spec.condition == "class"
 
 
 def tensors(out) -> list[torch.Tensor]:
@@ -51,8 +53,11 @@ def tensors(out) -> list[torch.Tensor]:
 
 
 def inputs(model, b: int = 2):
-    """A batch the model trains on: images for tokenizers, (tokens, condition) for generators."""
+    """A batch the model trains on: images for tokenizers, (tokens, condition) for generators,
+    (noisy tokens, condition, times in [0, 1]) for generators of continuous tokens (diffusion)."""
     spec = model.token_spec
+    if isinstance(model, Generator) and not spec.discrete:
+        return torch.randn(b, *spec.shape), Condition(labels=torch.arange(b)), torch.rand(b)
     if isinstance(model, Generator):
         tokens = torch.stack([torch.randint(0, v, (b, *spec.shape[1:])) for v in spec.vocab_sizes], 1)
         return tokens, Condition(labels=torch.arange(b))

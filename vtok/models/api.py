@@ -37,7 +37,7 @@ class TokenSpec:
     """What a tokenizer's tokens look like (and so what a generator on them must model).
 
     ``shape``: tokens per image at ``resolution``: discrete (k, h, w) or (k, n) with k sub-codes per
-    position (k = len(vocab_sizes)); continuous (n, dim).
+    position (k = len(vocab_sizes)); continuous 1D tokens (n, dim); continuous 2D latents (C, h, w).
     ``vocab_sizes``: one per sub-codebook for discrete tokens; empty for continuous ones.
     ``dim``: width of a continuous token (0 for discrete). ``downsample``: pixels per token side for
     spatial grids (the grid follows the resolution); 0 for 1D tokenizers (a fixed count).
@@ -74,7 +74,9 @@ class TokenSpec:
     @property
     def num_tokens(self) -> int:
         """Token positions per image (sub-codes of one position count once; continuous width excluded)."""
-        return math.prod(self.shape[1:] if self.discrete else self.shape[:-1])
+        if self.discrete or len(self.shape) == 3:  # (k, *grid) sub-codes, or (C, h, w) latents
+            return math.prod(self.shape[1:])
+        return math.prod(self.shape[:-1])  # (n, dim) continuous 1D tokens
 
     def check_resolution(self, resolution: int) -> None:
         """Raise a one-line ``ResolutionError`` when the model cannot take ``resolution`` px images."""

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from vtok.config import RecipeError
-from vtok.models.generators import GPT, GPTConfig
+from vtok.models.generators import GPT, DiT, DiTConfig, GPTConfig
 from vtok.models.quant import L2VectorQuantizer
 from vtok.models.tokenizers.fqgan import FQGAN, FQGANConfig
 from vtok.models.tokenizers.vqgan import CNNConfig
@@ -85,6 +85,19 @@ def gpt(depth: int, dim: int, heads: int, params: int | None, source: str = "", 
     return Entry(GPT, cfg, params, source)
 
 
+DIT_SIZES = {"s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28, 1152, 16)}  # depth, width, heads
+
+
+def dit(size: str, patch: int, params: int | None, source: str = "", **kw) -> Entry:
+    """DiT sizes S/B/L/XL (facebookresearch/DiT models.py) at ``patch`` 2/4/8 on 32x32x4 SD-VAE latents,
+    1,000 classes, learned sigma, unless ``kw`` overrides config fields."""
+    depth, hidden, heads = DIT_SIZES[size]
+    cfg = DiTConfig(**{**dict(depth=depth, hidden=hidden, heads=heads, patch_size=patch), **kw})
+    return Entry(DiT, cfg, params, source)
+
+
+TINY_DIT = dict(depth=2, hidden=64, heads=4, num_classes=24)
+TINY_1D = dict(token_mode="1d", input_size=32, in_channels=8)
 TINY_GPT = dict(depth=4, dim=128, heads=4, token_shape=(8, 8), num_classes=24)
 
 MODELS: dict[str, Entry] = {
@@ -110,6 +123,24 @@ MODELS: dict[str, Entry] = {
     "gpt-tiny": gpt(**TINY_GPT, params=None),
     "far-dual-tiny": gpt(**TINY_GPT, params=None, k=2, head_layers=1),
     "far-triple-tiny": gpt(**TINY_GPT, params=None, k=3, head_layers=1),
+    # DiT (facebookresearch/DiT models.py, counted from its layout incl. the frozen sin-cos table;
+    # /2 counts published in shared/PAPERS.md; /4 and /8 computed from the same layout)
+    "dit-s-2": dit("s", 2, 32_963_360, "DiT-S/2"),
+    "dit-b-2": dit("b", 2, 130_512_416, "DiT-B/2"),
+    "dit-l-2": dit("l", 2, 458_102_816, "DiT-L/2"),
+    "dit-xl-2": dit("xl", 2, 675_129_632, "DiT-XL/2"),
+    "dit-s-4": dit("s", 4, 32_945_024, "DiT-S/4 (official layout)"),
+    "dit-b-4": dit("b", 4, 130_475_648, "DiT-B/4 (official layout)"),
+    "dit-l-4": dit("l", 4, 458_053_760, "DiT-L/4 (official layout)"),
+    "dit-xl-4": dit("xl", 4, 675_074_432, "DiT-XL/4 (official layout)"),
+    "dit-s-8": dit("s", 8, 33_148_160, "DiT-S/8 (official layout)"),
+    "dit-b-8": dit("b", 8, 130_881_536, "DiT-B/8 (official layout)"),
+    "dit-l-8": dit("l", 8, 458_594_816, "DiT-L/8 (official layout)"),
+    "dit-xl-8": dit("xl", 8, 675_683_072, "DiT-XL/8 (official layout)"),
+    "dit-tiny": dit("s", 2, None, **TINY_DIT, input_size=8),  # 8x8x4 latents
+    "dit-tiny-1d": dit("s", 1, None, **TINY_DIT, **TINY_1D),  # 32 x 8 TexTok-style tokens
+    "dit-t2i-tiny": dit("s", 1, None, **{**TINY_DIT, "num_classes": 0}, **TINY_1D, condition="text",
+                        text_dim=32, text_len=16),
 }
 
 

@@ -1,10 +1,14 @@
-"""Shared transformer pieces (attention via SDPA with masks / RoPE / KV cache, MLPs, norms, blocks),
-used by the tokenizers' adapters and heads and by the generators."""
-from vtok.models.layers.attention import Attention, KVCache, causal_mask
+"""Shared transformer pieces (attention via SDPA with masks / RoPE / KV cache, cross-attention, MLPs,
+norms, blocks, and the adaLN-Zero pieces of diffusion transformers), used by the tokenizers' adapters
+and heads and by the generators."""
+from vtok.models.layers.adaln import (AdaLNZeroBlock, FinalLayer, TimestepEmbedder, modulate, sincos_1d,
+                                      sincos_2d, timestep_embedding)
+from vtok.models.layers.attention import Attention, CrossAttention, KVCache, causal_mask
 from vtok.models.layers.mlp import Mlp, SwiGLU, swiglu_hidden
 from vtok.models.layers.norms import RMSNorm, make_norm
 from vtok.models.layers.rope import apply_rope, rope_1d, rope_2d, rope_for_shape
 from vtok.models.layers.transformer import Block
 
-__all__ = ["Attention", "Block", "KVCache", "Mlp", "RMSNorm", "SwiGLU", "apply_rope", "causal_mask",
-           "make_norm", "rope_1d", "rope_2d", "rope_for_shape", "swiglu_hidden"]
+__all__ = ["AdaLNZeroBlock", "Attention", "Block", "CrossAttention", "FinalLayer", "KVCache", "Mlp", "RMSNorm",
+           "SwiGLU", "TimestepEmbedder", "apply_rope", "causal_mask", "make_norm", "modulate", "rope_1d",
+           "rope_2d", "rope_for_shape", "sincos_1d", "sincos_2d", "swiglu_hidden", "timestep_embedding"]

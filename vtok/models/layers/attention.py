@@ -72,3 +72,35 @@ class Attention(nn.Module):
                 is_causal = False  # one new query sees the whole cache
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, H, N, hd)
         return self.dropout(self.proj(out.transpose(1, 2).reshape(b, n, d)))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention of queries over a context (PixArt-alpha's layout: ``q`` on the
+    queries, one ``kv`` projection on the context, ``proj`` out):
+    x (B, N, D), context (B, L, D_ctx), mask (B, L) bool (True = attend) -> (B, N, D).
+
+    A row whose mask is all False has nothing to attend to; its output is zero (not NaN)."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).view(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn_mask, empty = None, None
+        if mask is not None:
+            mask = mask.bool()
+            empty = ~mask.any(-1)  # (B,): SDPA would give NaN for these rows
+            attn_mask = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, hd)
+        out = self.proj(out.transpose(1, 2).reshape(b, n, d))
+        if empty is not None:
+            out = out.masked_fill(empty[:, None, None], 0.0)
+        return out

@@ -7,11 +7,13 @@ from torch import nn
 
 
 class Mlp(nn.Sequential):
-    """Linear -> GELU -> Linear with a hidden width of ``ratio * dim``."""
+    """Linear -> GELU -> Linear with a hidden width of ``ratio * dim``: (..., D) -> (..., D).
+    ``approximate``: "none" (exact GELU) or "tanh" (the tanh GELU of DiT / PixArt-alpha)."""
 
-    def __init__(self, dim: int, ratio: float = 4.0, bias: bool = True):
+    def __init__(self, dim: int, ratio: float = 4.0, bias: bool = True, approximate: str = "none"):
         hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, dim, bias=bias))
+        super().__init__(nn.Linear(dim, hidden, bias=bias), nn.GELU(approximate=approximate),
+                         nn.Linear(hidden, dim, bias=bias))
 
 
 def swiglu_hidden(dim: int, ratio: float = 4.0, multiple_of: int = 256) -> int:
