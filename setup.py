@@ -20,6 +20,11 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.14",
     "lpips>=0.1.4",  # only for its shipped VGG linear-head weights (7 KB); vtok computes LPIPS itself
     "torch-fidelity>=0.3,<0.5",  # the FID Inception-v3 port (weights read by vtok, without pickle)
+    # T5 encoders and captioners for `vtok precompute text-emb` / `captions` (4.57.6 tested).
+    "transformers>=4.45,<5",
+    # AutoencoderKL for `vtok precompute latents` (and FlexTok's VAE). 0.39.0 is tested; 0.42 pulls
+    # huggingface-hub 2.x, which transformers 4.x refuses, hence the upper bound.
+    "diffusers>=0.30,<0.40",
 ]
 
 EXTRAS = {

@@ -49,4 +49,5 @@ def test_demo_pipeline_learns_class_conditional_shapes(tmp_path):
         assert z["labels"].tolist() == [0, 0, 0, 5, 5, 5]
     bad = subprocess.run([sys.executable, "-m", "vtok", "sample", "--generator", out / "tokenizer",
                           "--tokenizer", out / "tokenizer", "--out", tmp_path / "x"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "not a generator" in bad.stderr
+    assert bad.returncode == 2 and "holds a tokenizer (fqgan-dual-tiny), but a generator is expected" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

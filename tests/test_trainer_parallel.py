@@ -63,6 +63,17 @@ def test_deepspeed_zero_train_checkpoint_load_continue(shards, tmp_path, zero_st
     run_vtok("train", ref, *common, nproc=2)
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "run", "main/loss")),
                                torch.tensor(losses(tmp_path / "ref", "main/loss")), rtol=1e-5, atol=1e-7)
+    # the export reader gets full fp32 weights out of the ZeRO files, in this non-distributed process
+    from tiny_tasks import TinyAE
+    from vtok.parallel.strategy import read_checkpoint_module
+
+    last = [read_checkpoint_module(d / "checkpoints" / "step_000000008", "ae", TinyAE())
+            for d in (tmp_path / "run", tmp_path / "ref")]
+    fresh = TinyAE().state_dict()
+    assert TinyAE().load_state_dict(last[0]) is not None
+    for k, v in last[0].items():
+        torch.testing.assert_close(v, last[1][k], rtol=1e-4, atol=1e-6)
+    assert not torch.equal(last[0]["inp.weight"], fresh["inp.weight"])
 
 
 def test_fsdp2_checkpoint_from_two_ranks_loads_at_one(shards, tmp_path):

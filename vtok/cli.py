@@ -5,6 +5,7 @@
     vtok train RECIPE [key=value ...]           train (resumes from the run dir's latest checkpoint)
     vtok export RECIPE --out DIR                model.safetensors + config.json for inference
     vtok precompute codes --tokenizer DIR ...   image shards -> code shards (resumable, multi-rank)
+    vtok precompute captions|text-emb|latents   add caption / T5 text_emb / VAE latents to shards
     vtok sample --generator DIR --tokenizer DIR class-conditional samples (KV cache, CFG) -> grid / npz
     vtok eval recon --tokenizer DIR ...         PSNR / SSIM / LPIPS / rFID / codebook usage + grid
     vtok eval gen --samples NPZ ...             gFID + Inception Score of generated samples
@@ -106,14 +107,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
           f"-> {s['grid']}{extra}")
 
 
-def cmd_precompute_codes(args: argparse.Namespace) -> None:
+def cmd_precompute(args: argparse.Namespace) -> None:
     from vtok.parallel.dist import init_distributed
-    from vtok.precompute.codes import precompute_codes
+    from vtok.precompute import job_classes
+    from vtok.precompute.runner import RunnerOptions, run_job
 
+    options, job_cls = job_classes(args.job)
     info = init_distributed()
-    wrote = precompute_codes(args.tokenizer, args.data, args.out, info, out_format=args.format,
-                             resolution=args.resolution, flip=args.flip, batch_size=args.batch_size)
-    print(f"vtok precompute codes: rank {info.rank} wrote {wrote} shards -> {args.out}")
+    r = run_job(job_cls(dataclass_from_args(options, args)), dataclass_from_args(RunnerOptions, args), info)
+    print(f"vtok precompute {args.job}: rank {info.rank} wrote {r.written_shards} shards "
+          f"({r.skipped_shards} already done; {r.samples} samples, {r.bad} bad) -> {args.out}")
 
 
 def cmd_eval_recon(args: argparse.Namespace) -> None:
@@ -184,6 +187,8 @@ def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     from vtok.demo import DemoOptions
     from vtok.eval.sample import SampleOptions
+    from vtok.precompute import JOBS as PRECOMPUTE_JOBS, job_classes as precompute_job_classes
+    from vtok.precompute.runner import RunnerOptions
 
     p = argparse.ArgumentParser(prog="vtok", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -216,15 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("precompute", help="offline jobs over shards").add_subparsers(
         dest="precompute_command", required=True)
-    codes = pre.add_parser("codes", help="image shards -> token-code shards with a frozen tokenizer")
-    codes.add_argument("--tokenizer", required=True, help="a `vtok export` directory")
-    codes.add_argument("--data", required=True, help="image shards: tar dir / brace pattern, or MDS dir")
-    codes.add_argument("--out", required=True, help="output directory (resumable)")
-    codes.add_argument("--format", choices=("wds", "mds"), default="", help="default: the input's")
-    codes.add_argument("--resolution", type=int, default=256)
-    codes.add_argument("--flip", action="store_true", help="also encode the mirrored image (codes (2, ...))")
-    codes.add_argument("--batch-size", type=int, default=64)
-    codes.set_defaults(func=cmd_precompute_codes)
+    batch_defaults = {"captions": {"batch_size": 16}, "text-emb": {"batch_size": 128}}  # others: 64
+    for name, (_, _, _, text) in PRECOMPUTE_JOBS.items():
+        options, _ = precompute_job_classes(name)
+        job = pre.add_parser(name, help=text)
+        add_dataclass_args(job, options)
+        add_dataclass_args(job, RunnerOptions)
+        job.set_defaults(func=cmd_precompute, job=name, **batch_defaults.get(name, {}))
 
     smp = sub.add_parser("sample", help="class-conditional images from a generator export + its tokenizer")
     smp.add_argument("--generator", required=True, help="`vtok export` dir of a gpt / far run")

@@ -4,7 +4,12 @@ A *schema sample* is a dict with ``__key__`` and any of :data:`FIELDS`::
 
     {"__key__": "000042", "image": b"\\xff\\xd8...", "cls": 3, "caption": "a red circle",
      "text_emb": float16 [L, D], "text_mask": bool [L], "codes": int16/int32 [...],
+     "latents": float16 [C, h, w], "latents_std": float16 [C, h, w],
      "json": {"path": "/data/raw/img042.jpg"}}
+
+``latents`` are VAE latents already scaled (``(z - shift) * scale``, recorded in the shard set's
+``latents.json``; ``[2, C, h, w]`` with the mirrored image); ``latents_std`` the posterior std in the
+same scale, when written (``vtok precompute latents --save-moments``).
 
 WebDataset uses the community's extensions (``jpg``/``png``/``webp``, ``cls``, ``txt``, ``<name>.npy``,
 ``json``) so img2dataset-style shards load as they are; extensions match in any case (ImageNet's
@@ -19,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-FIELDS = ("image", "cls", "caption", "text_emb", "text_mask", "codes", "json")
-ARRAY_FIELDS = ("text_emb", "text_mask", "codes")
+FIELDS = ("image", "cls", "caption", "text_emb", "text_mask", "codes", "latents", "latents_std", "json")
+ARRAY_FIELDS = ("text_emb", "text_mask", "codes", "latents", "latents_std")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "caption")
 
@@ -32,6 +37,8 @@ MDS_COLUMNS = {
     "text_emb": "ndarray",
     "text_mask": "ndarray",  # stored as uint8: MDS ndarray has no bool dtype
     "codes": "ndarray",
+    "latents": "ndarray",
+    "latents_std": "ndarray",
     "json": "json",
 }
 

@@ -158,7 +158,7 @@ class SampleDecoder:
                 value = int(value)
             elif name == "text_mask":
                 value = as_tensor(np.asarray(value, dtype=bool))
-            elif name in ("text_emb", "codes"):
+            elif name in ("text_emb", "codes", "latents", "latents_std"):
                 value = as_tensor(value)
             out[name] = value
         return out
@@ -184,6 +184,8 @@ COLLATE: dict[str, Callable[[list], Any]] = {
     "text_emb": _stack,  # (B, L, D), dtype as stored (float16)
     "text_mask": _stack,  # (B, L) bool
     "codes": lambda v: torch.stack(v).long(),  # (B, *token_shape) int64, ready for embeddings
+    "latents": lambda v: torch.stack(v).float(),  # (B, C, h, w) [or (B, 2, C, h, w) with flip] float32
+    "latents_std": lambda v: torch.stack(v).float(),  # like latents: the posterior std, same scale
     "json": list,  # list[dict]: per-sample metadata (e.g. the source path from make_shards)
 }
 

@@ -1,0 +1,89 @@
+"""``vtok precompute text-emb``: a frozen T5 encoder turns each ``caption`` into ``text_emb`` / ``text_mask``.
+
+Per sample: ``text_emb`` float16 (L, D), the encoder's last hidden state for the caption tokenized to
+exactly ``L = max_length`` tokens (truncated / padded; positions past the mask are the encoder's output
+on padding, kept as it is), and ``text_mask`` bool (L,), True for real tokens. An empty caption is a
+bad sample unless ``empty_caption="null"``, which stores the encoding of the empty string (the null
+caption of classifier-free guidance). The model comes from a local directory (``T5EncoderModel`` +
+its tokenizer, e.g. google/t5-v1_1-xl saved with ``save_pretrained``); nothing is downloaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vtok.data.transforms import BadSample
+from vtok.precompute.runner import DTYPES, Job, model_identity, resolve_dtype
+
+
+@dataclass
+class TextEmbOptions:
+    """``vtok precompute text-emb`` flags (besides the runner's)."""
+
+    encoder: str = field(metadata={"help": "local directory of a transformers T5 (encoder) + tokenizer"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer directory (default: --encoder)"})
+    max_length: int = field(default=128, metadata={"help": "L: tokens per caption (padded / truncated)"})
+    empty_caption: str = field(default="error", metadata={
+        "help": "empty caption: a bad sample (error) or the encoding of '' (null)", "choices": ("error", "null")})
+    dtype: str = field(default="auto", metadata={
+        "help": "encoder dtype (auto: bfloat16 on GPU, float32 on CPU)",
+        "choices": DTYPES})
+
+
+class TextEmbJob(Job):
+    """captions (list[str]) -> ``text_emb`` (B, L, D) float16 + ``text_mask`` (B, L) bool."""
+
+    name = "text-emb"
+    adds = ("text_emb", "text_mask")
+
+    def __init__(self, opts: TextEmbOptions):
+        self.opts = opts
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    def identity(self) -> dict[str, Any]:
+        o = self.opts
+        tok = model_identity(o.tokenizer) if o.tokenizer else None
+        return {"model": model_identity(o.encoder),
+                "settings": {"tokenizer": tok, "max_length": o.max_length, "empty_caption": o.empty_caption,
+                             "dtype": o.dtype}}
+
+    def load(self, device: torch.device) -> None:
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.device, self.dtype = device, resolve_dtype(self.opts.dtype, device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.opts.tokenizer or self.opts.encoder, local_files_only=True)
+        self.model = T5EncoderModel.from_pretrained(self.opts.encoder, dtype=self.dtype, local_files_only=True)
+        self.model.to(device).eval().requires_grad_(False)
+
+    def prepare(self, sample: dict[str, Any]) -> str:
+        caption = sample["caption"]
+        if not caption.strip():
+            if self.opts.empty_caption != "null":
+                raise BadSample("empty caption (--empty-caption null encodes it as the null caption '')")
+            return ""
+        return caption
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions -> (hidden (B, L, D) in the model's dtype, mask (B, L) bool), on the device."""
+        tok = self.tokenizer(captions, padding="max_length", max_length=self.opts.max_length, truncation=True,
+                             return_tensors="pt")
+        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        with torch.no_grad():
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden, mask.bool()
+
+    def run(self, items: list[str]) -> list[dict[str, Any]]:
+        hidden, mask = self.encode(items)
+        emb = hidden.to(torch.float16).cpu().numpy()
+        masks = mask.cpu().numpy()
+        return [{"text_emb": e, "text_mask": m} for e, m in zip(emb, masks)]
+
+    def metadata(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {"encoder": str(Path(self.opts.encoder).resolve()), "d_model": cfg.d_model,
+                "max_length": self.opts.max_length, "empty_caption": self.opts.empty_caption,
+                "dtype": str(self.dtype).removeprefix("torch."), "shape": [self.opts.max_length, cfg.d_model]}
