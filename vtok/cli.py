@@ -6,7 +6,7 @@
     vtok export RECIPE --out DIR                model.safetensors + config.json for inference
     vtok precompute codes --tokenizer DIR ...   image shards -> code shards (resumable, multi-rank)
     vtok precompute captions|text-emb|latents   add caption / T5 text_emb / VAE latents to shards
-    vtok sample --generator DIR --tokenizer DIR class-conditional samples (KV cache, CFG) -> grid / npz
+    vtok sample --generator DIR [--tokenizer DIR] class-conditional samples (GPT / DiT, CFG) -> grid / npz
     vtok eval recon --tokenizer DIR ...         PSNR / SSIM / LPIPS / rFID / codebook usage + grid
     vtok eval gen --samples NPZ ...             gFID + Inception Score of generated samples
     vtok data synthetic OUT [--format mds]      write the built-in shapes dataset
@@ -229,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_args(job, RunnerOptions)
         job.set_defaults(func=cmd_precompute, job=name, **batch_defaults.get(name, {}))
 
-    smp = sub.add_parser("sample", help="class-conditional images from a generator export + its tokenizer")
-    smp.add_argument("--generator", required=True, help="`vtok export` dir of a gpt / far run")
-    smp.add_argument("--tokenizer", required=True, help="`vtok export` dir of the tokenizer of its codes")
+    smp = sub.add_parser("sample", help="class-conditional images from a generator export (gpt / far / dit)")
+    smp.add_argument("--generator", required=True, help="`vtok export` dir of a gpt / far / dit run")
+    smp.add_argument("--tokenizer", default="", help="`vtok export` dir of the tokenizer of its tokens "
+                     "(default: the one its export names; a DiT on pixels needs none)")
     smp.add_argument("--out", required=True, help="output dir (samples.png, samples.npz)")
     smp.add_argument("--classes", default="", help="comma-separated class ids (default: all)")
     smp.add_argument("--per-class", type=int, default=4)

@@ -1,5 +1,9 @@
-"""``vtok sample``: class-conditional images from an exported generator + its frozen tokenizer.
+"""``vtok sample``: class-conditional images from any exported generator (GPT / FAR or DiT).
 
+GPT-family exports decode their codes through a tokenizer export (``--tokenizer``, default the one
+named in the generator's export). DiT exports sample with the diffusion process they were trained
+with (rectified flow: Euler / Heun ODE; DDPM: ancestral on respaced steps) and decode through the
+VAE / tokenizer their export names, or show the samples directly when the DiT models pixels.
 Writes a PNG grid (one row per class when ``per_class`` fits) and optionally an ADM-style ``.npz``
 (``arr_0``: uint8 (N, H, W, 3), ``labels``: (N,)) that ``vtok eval gen`` reads for gFID / IS.
 """
@@ -35,6 +39,12 @@ class SampleOptions:
     top_p: float = field(default=1.0, metadata={"help": "1: off"})
     seed: int = field(default=0, metadata={"help": "batch i uses seed + i"})
     batch_size: int = 32
+    # DiT (diffusion) generators
+    steps: int = field(default=50, metadata={"help": "DiT: ODE / respaced DDPM steps"})
+    solver: str = field(default="euler", metadata={"help": "DiT flow ODE solver", "choices": ("euler", "heun")})
+    guidance_interval: str = field(default="0,1", metadata={
+        "help": "DiT: 'lo,hi' normalized times (0 data, 1 noise) where CFG applies"})
+    apg: bool = field(default=False, metadata={"help": "DiT: adaptive projected guidance instead of CFG"})
     dtype: str = field(default="fp32", metadata={"help": "autocast dtype", "choices": tuple(DTYPES)})
 
 
@@ -81,17 +91,70 @@ def class_labels(num_classes: int, classes: str = "", per_class: int = 4) -> tor
     return torch.tensor(ids).repeat_interleave(per_class)
 
 
+def parse_interval(text: str) -> tuple[float, float]:
+    """``"lo,hi"`` -> (lo, hi) in [0, 1] (one-line EvalError otherwise)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise EvalError(f"--guidance-interval {text!r}: expected 'lo,hi', e.g. 0,1 or 0.1,0.9") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise EvalError(f"--guidance-interval {text!r}: expected 0 <= lo <= hi <= 1")
+    return lo, hi
+
+
+@torch.no_grad()
+def sample_diffusion(generator: torch.nn.Module, decode, labels: torch.Tensor, diffusion: dict,
+                     opts: SampleOptions, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiT: labels (N,) -> (images (N, 3, H, W) in [-1, 1] on CPU, samples (N, *token_shape)).
+    ``decode`` maps samples to images; ``diffusion`` is the export's process settings. Batch i is
+    seeded with ``seed + i``."""
+    from vtok.tasks.dit import sample_dit
+
+    interval = parse_interval(opts.guidance_interval)
+    device = next(generator.parameters()).device
+    dtype = DTYPES[opts.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    images, samples = [], []
+    batches = range(0, len(labels), opts.batch_size)
+    for i, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
+        rows = labels[start:start + opts.batch_size].to(device)
+        rng = torch.Generator(device).manual_seed(opts.seed + i)
+        with autocast:
+            x = sample_dit(generator, rows, diffusion, steps=opts.steps, solver=opts.solver,
+                           guidance=opts.guidance, interval=interval, apg=opts.apg, generator=rng)
+        samples.append(x.float().cpu())
+        images.append(decode(x.float()).clamp(-1, 1).cpu())
+    return torch.cat(images), torch.cat(samples)
+
+
 def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOptions, *, classes: str = "",
                per_class: int = 4, npz: bool = False, progress: bool = True) -> dict:
-    """``vtok sample``: writes ``<out>/samples.png`` (+ ``samples.npz``); returns a summary."""
+    """``vtok sample``: writes ``<out>/samples.png`` (+ ``samples.npz``); returns a summary.
+    ``tokenizer_dir``: "" = the decoder the generator's export names (a DiT on pixels needs none)."""
+    from vtok.models.generators.dit import DiT
+
     if opts.dtype not in DTYPES:
         raise EvalError(f"--dtype {opts.dtype!r}: expected one of {', '.join(DTYPES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator = load_export(generator_dir, "generator", device).model
-    tokenizer = load_export(tokenizer_dir, "tokenizer", device).model
+    export = load_export(generator_dir, "generator", device)
+    generator = export.model
     labels = class_labels(generator.cfg.num_classes, classes, per_class)
     start = time.perf_counter()
-    images, _ = sample_images(generator, tokenizer, labels, opts, progress)
+    if isinstance(generator, DiT):
+        from vtok.tasks.dit import make_decoder
+
+        decode = make_decoder(export.meta, tokenizer_dir, device)
+        if decode is None:
+            named = export.meta.get("tokenizer") or export.meta.get("vae") or "nothing"
+            raise EvalError(f"{generator_dir}: cannot decode its samples: the decoder its export names "
+                            f"({named}) is not there; pass --tokenizer DIR")
+        images, _ = sample_diffusion(generator, decode, labels, export.meta.get("diffusion", {}), opts, progress)
+    else:
+        tokenizer_dir = tokenizer_dir or export.meta.get("tokenizer", "")
+        if not tokenizer_dir:
+            raise EvalError(f"{generator_dir} names no tokenizer export: pass --tokenizer DIR")
+        tokenizer = load_export(tokenizer_dir, "tokenizer", device).model
+        images, _ = sample_images(generator, tokenizer, labels, opts, progress)
     seconds = time.perf_counter() - start
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,273 @@
+"""Diffusion-transformer (DiT / SiT-style) training on pixels, VAE latents or continuous 1D tokens.
+
+What the DiT models is read from the data, never from a tokenizer import:
+
+* ``data.fields`` has ``latents``: the shards of ``vtok precompute latents``, sized from the
+  ``latents.json`` beside them (per sample (C, h, w), or (2, C, h, w) with ``--flip``: one of the two
+  is drawn per sample and step); the VAE and its scaling factor go into the export for decoding.
+* ``data.fields`` has ``codes``: continuous tokens (TexTok-style (n, dim)) sized from ``codes.json``.
+* otherwise ``image``: the "latent" is the image itself, (3, R, R) in [-1, 1] at ``data.resolution``,
+  so a tiny DiT learns the synthetic shapes without any autoencoder.
+
+Objective (``model.objective``): ``flow`` (rectified flow, logit-normal t, velocity target; see
+``vtok.models.diffusion``) or ``ddpm`` (DiT's: 1000 linear steps, epsilon + learned sigma, hybrid
+loss). The export records the diffusion settings, so ``vtok sample`` draws with the same process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from vtok.config import RecipeError
+from vtok.models.api import Condition, TokenSpec
+from vtok.models.diffusion import GaussianDiffusion, Guidance, RectifiedFlow
+from vtok.models.generators.dit import DiT
+from vtok.models.registry import MODELS, build_model
+from vtok.train.task import TrainTask, register_task
+
+log = logging.getLogger("vtok.train")
+OBJECTIVES = ("flow", "ddpm")
+
+
+def _meta_file(shards: str, name: str, explicit: str) -> Path:
+    if explicit:
+        return Path(explicit)
+    first = Path(shards.split("::")[0].split("{")[0])
+    return (first if first.is_dir() else first.parent) / name
+
+
+def find_source(recipe: Any, explicit: str = "") -> dict[str, Any]:
+    """What the DiT models, from ``data.fields`` and the shards' metadata: ``{"source": "image" |
+    "latents" | "codes", "token_spec": TokenSpec, "meta": dict (the metadata file, {} for pixels)}``."""
+    fields, res = list(recipe.data.fields), int(recipe.data.resolution)
+    if "latents" in fields:
+        path = _meta_file(recipe.data.train_shards, "latents.json", explicit)
+        if not path.is_file():
+            raise RecipeError(f"{path} not found: point data.train_shards at the output of `vtok precompute "
+                              "latents`, or set model.source_meta=PATH/latents.json")
+        meta = json.loads(path.read_text())
+        c, h, w = (int(s) for s in meta["shape"][-3:])
+        spec = TokenSpec(shape=(c, h, w), resolution=int(meta.get("resolution", res)), dim=c,
+                         downsample=int(meta.get("downsample", 0)), condition="class")
+        return {"source": "latents", "token_spec": spec, "meta": meta}
+    if "codes" in fields:
+        path = _meta_file(recipe.data.train_shards, "codes.json", explicit)
+        if not path.is_file():
+            raise RecipeError(f"{path} not found: point data.train_shards at the output of `vtok precompute "
+                              "codes`, or set model.source_meta=PATH/codes.json")
+        meta = json.loads(path.read_text())
+        spec = TokenSpec.from_dict(meta["token_spec"])
+        if spec.discrete:
+            raise RecipeError(f"{path}: the codes are discrete; a DiT models continuous tokens (use the gpt task)")
+        return {"source": "codes", "token_spec": spec, "meta": meta}
+    if "image" not in fields:
+        raise RecipeError(f"data.fields={fields}: the dit task reads `image`, `latents` or `codes`")
+    spec = TokenSpec(shape=(3, res, res), resolution=res, dim=3, downsample=1, condition="class")
+    return {"source": "image", "token_spec": spec, "meta": {}}
+
+
+def decoder_info(source: dict[str, Any]) -> dict[str, Any]:
+    """Export metadata that maps samples back to images: the tokenizer export (codes), the diffusers
+    VAE and its factors (latents), or nothing (pixels)."""
+    meta = source["meta"]
+    if source["source"] == "latents":
+        return {"vae": meta.get("vae", ""), "latent_scaling": float(meta.get("scaling_factor", 1.0)),
+                "latent_shift": float(meta.get("shift_factor", 0.0))}
+    if source["source"] == "codes" and meta.get("tokenizer"):
+        return {"tokenizer": meta["tokenizer"]}
+    return {}
+
+
+def make_decoder(meta: dict[str, Any], tokenizer_dir: str = "", device: torch.device | str = "cpu"
+                 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """samples (B, *token_shape) -> images (B, 3, H, W) in [-1, 1], from a DiT export's metadata
+    (``tokenizer_dir`` overrides its tokenizer); None when the decoder named there is missing."""
+    from vtok.models.export import load_export
+
+    source = meta.get("source", "image")
+    if source == "image":
+        return lambda x: x.float()
+    if source == "latents" and not tokenizer_dir:
+        vae_dir = meta.get("vae", "")
+        if not (Path(vae_dir) / "config.json").is_file():
+            return None
+        from diffusers import AutoencoderKL  # the VAE the latents were made with (local files only)
+
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).to(device).eval()
+        scale, shift = float(meta.get("latent_scaling", 1.0)), float(meta.get("latent_shift", 0.0))
+        return lambda z: vae.decode(z.float().to(device) / scale + shift).sample.float()
+    path = tokenizer_dir or meta.get("tokenizer", "")
+    if not (Path(path) / "config.json").is_file():
+        return None
+    tokenizer = load_export(path, "tokenizer", device).model
+    return lambda z: tokenizer.decode(z.to(device)).float()
+
+
+@torch.no_grad()
+def sample_dit(model: DiT, labels: torch.Tensor, diffusion: dict[str, Any], *, steps: int = 50,
+               solver: str = "euler", guidance: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
+               apg: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw (B, *token_shape) samples for class ``labels`` (B,) with the process the DiT was trained
+    with (``diffusion``: the export's settings): flow -> Euler / Heun ODE over ``steps``; ddpm ->
+    ancestral sampling on ``steps`` respaced steps. CFG ``guidance`` inside ``interval`` (0 = data,
+    1 = noise), or APG with ``apg``."""
+    g = Guidance(scale=guidance, interval=interval, apg=apg)
+    device = model.pos_embed.device
+    cond = Condition(labels=labels.to(device))
+    if diffusion.get("objective", "flow") == "flow":
+        return model.generate(cond, steps=steps, guidance=g, solver=solver,
+                              shift=float(diffusion.get("flow_shift", 1.0)), generator=generator)
+    ddpm = GaussianDiffusion(num_timesteps=int(diffusion.get("num_timesteps", 1000)),
+                             learn_sigma=model.cfg.learn_sigma, channel_dim=model.channel_dim)
+    was_training = model.training
+    model.eval()
+    try:
+        noise = torch.randn((len(labels), *model.token_spec.shape), generator=generator, device=device)
+        return ddpm.sample(model.diffusion_net(learned_sigma=model.cfg.learn_sigma), noise.shape, cond,
+                           steps=str(steps), guidance=g, null_cond=model.null_condition(len(labels), device),
+                           noise=noise, generator=generator)
+    finally:
+        model.train(was_training)
+
+
+@register_task("dit")
+class DiTTask(TrainTask):
+    export_module = "dit"
+
+    @dataclass
+    class Config:
+        arch: str = "dit-s-2"  # a DiT in vtok.models.registry (dit-*)
+        source_meta: str = ""  # latents.json / codes.json of the shards (default: beside data.train_shards)
+        objective: str = "flow"  # "flow" (rectified flow) | "ddpm" (DiT: epsilon + learned sigma, hybrid loss)
+        num_classes: int = 1000
+        class_dropout: float = 0.1  # DiT: label -> null w.p. 0.1 (classifier-free guidance)
+        # size overrides of the arch (0 = the registry's); tiny recipes use them
+        depth: int = 0
+        hidden: int = 0
+        heads: int = 0
+        patch_size: int = 0
+        flow_loc: float = 0.0  # logit-normal training t: sigmoid(loc + scale * N(0, 1))
+        flow_scale: float = 1.0
+        flow_shift: float = 1.0  # timestep shift (training and sampling); 1 = none
+        num_timesteps: int = 1000  # ddpm
+        vb_weight: float = 1.0  # ddpm: hybrid loss mse + vb_weight * vb
+        # every train.eval_every steps: <run_dir>/samples/step_N.png (the first eval_classes classes)
+        eval_classes: int = 16
+        eval_per_class: int = 8
+        eval_guidance: float = 4.0
+        eval_steps: int = 50
+        eval_solver: str = "euler"
+
+    @classmethod
+    def build_export(cls, cfg: "DiTTask.Config", recipe) -> torch.nn.Module:
+        """The DiT, sized from the data: (C, S, S) latents / pixels, or (n, dim) 1D tokens."""
+        if cfg.arch not in MODELS or MODELS[cfg.arch].model is not DiT:
+            known = ", ".join(n for n, e in MODELS.items() if e.model is DiT)
+            raise RecipeError(f"model.arch={cfg.arch!r} is not a registered DiT; known: {known}")
+        if cfg.objective not in OBJECTIVES:
+            raise RecipeError(f"model.objective={cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        spec = find_source(recipe, cfg.source_meta)["token_spec"]
+        sizes = {k: getattr(cfg, k) for k in ("depth", "hidden", "heads") if getattr(cfg, k)}
+        if len(spec.shape) == 3:
+            mode = dict(token_mode="2d", in_channels=spec.shape[0], input_size=spec.shape[1])
+            patch = cfg.patch_size or MODELS[cfg.arch].config.patch_size
+            if spec.shape[1] != spec.shape[2] or spec.shape[1] % max(patch, 1):
+                raise RecipeError(f"a {spec.shape[1]}x{spec.shape[2]} grid does not split into {patch}x{patch} "
+                                  "patches; change data.resolution or model.patch_size")
+            mode["patch_size"] = patch
+        else:
+            mode = dict(token_mode="1d", in_channels=spec.shape[-1], input_size=spec.shape[0], patch_size=1)
+        return build_model(cfg.arch, **mode, **sizes, num_classes=cfg.num_classes, condition="class",
+                           class_dropout=cfg.class_dropout, learn_sigma=cfg.objective == "ddpm", repa_depth=0)
+
+    def __init__(self, cfg: "DiTTask.Config", recipe):
+        self.cfg = cfg
+        self.source = find_source(recipe, cfg.source_meta)
+        self.spec: TokenSpec = self.source["token_spec"]
+        model = self.build_export(cfg, recipe)
+        self.field = {"image": "image", "latents": "latents", "codes": "codes"}[self.source["source"]]
+        if cfg.objective == "flow":
+            self.process: Any = RectifiedFlow(cfg.flow_loc, cfg.flow_scale, cfg.flow_shift)
+        else:
+            self.process = GaussianDiffusion(num_timesteps=cfg.num_timesteps, learn_sigma=True,
+                                             vb_weight=cfg.vb_weight, channel_dim=model.channel_dim)
+        self._decoder: Callable | bool | None = None  # None: not built yet; False: missing
+        self.modules = {"dit": model}
+        self.optimizers = {"main": ["dit"]}
+        self.ema_modules = ("dit",)
+        self._params = sum(p.numel() for p in model.parameters())
+
+    def _net(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """The wrapped DiT as ``net(x_t, t, cond)``: all channels for DDPM (learned sigma), the
+        prediction for flow; REPA features dropped."""
+        out = self.modules["dit"](x_t, cond, t)
+        out = out[0] if isinstance(out, tuple) else out
+        return out if self.cfg.objective == "ddpm" else out.narrow(self.unwrapped("dit").channel_dim, 0,
+                                                                    self.spec.dim)
+
+    def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        x, labels = batch[self.field].float(), batch["cls"]
+        if x.dim() == len(self.spec.shape) + 2:  # (B, 2, *shape): the image's and its mirror's latents
+            pick = torch.randint(0, x.shape[1], (x.shape[0],), device=x.device)
+            x = x[torch.arange(x.shape[0], device=x.device), pick]
+        if labels.numel() and int(labels.max()) >= self.cfg.num_classes:
+            raise RecipeError(f"class id {int(labels.max())} in the data >= model.num_classes="
+                              f"{self.cfg.num_classes}; raise model.num_classes")
+        return self.process.loss(self._net, x, Condition(labels=labels))
+
+    @torch.no_grad()
+    def evaluate(self, step: int, run_dir: str) -> dict[str, float]:
+        """Class-conditional samples as a grid at ``<run_dir>/samples/step_<N>.png`` (rank 0; decoded
+        by the VAE / tokenizer the data names, or shown directly for pixels; skipped with a warning
+        when that decoder is missing). Every rank samples the same rows in lockstep, so FSDP2 /
+        ZeRO-3 gather parameters as in training."""
+        from vtok.eval.grid import save_grid
+
+        inner = self.unwrapped("dit")
+        device = inner.pos_embed.device
+        n = min(self.cfg.eval_classes, self.cfg.num_classes)
+        labels = torch.arange(n, device=device).repeat_interleave(self.cfg.eval_per_class)
+        start = time.perf_counter()
+        with self.gathered("dit") as model:
+            x = sample_dit(model, labels, self.diffusion_settings(self.cfg), steps=self.cfg.eval_steps,
+                           solver=self.cfg.eval_solver, guidance=self.cfg.eval_guidance,
+                           generator=torch.Generator(device).manual_seed(step))
+        metrics = {"sample_seconds": time.perf_counter() - start, "sample_std": float(x.float().std())}
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            if self._decoder is None:
+                meta = {"source": self.source["source"], **decoder_info(self.source)}
+                self._decoder = make_decoder(meta, device=torch.device(device.type)) or False
+                if not self._decoder:
+                    log.warning("no sample grids: the decoder the data names (%s) is not there", meta)
+            if self._decoder:
+                images = self._decoder(x).clamp(-1, 1)
+                save_grid(images, Path(run_dir) / "samples" / f"step_{step:09d}.png", nrow=self.cfg.eval_per_class)
+        return metrics
+
+    def tokens_per_sample(self) -> int:
+        inner = self.unwrapped("dit")
+        return int(inner.num_patches)
+
+    def flops_per_sample(self) -> float:
+        return 6.0 * self._params * self.tokens_per_sample()  # dense estimate, attention excluded
+
+    @staticmethod
+    def diffusion_settings(cfg: "DiTTask.Config") -> dict[str, Any]:
+        """What sampling needs to know about the training process (stored in the export)."""
+        return {"objective": cfg.objective, "flow_loc": cfg.flow_loc, "flow_scale": cfg.flow_scale,
+                "flow_shift": cfg.flow_shift, "num_timesteps": cfg.num_timesteps,
+                "learn_sigma": cfg.objective == "ddpm"}
+
+    @classmethod
+    def export_info(cls, cfg: "DiTTask.Config", recipe) -> dict[str, Any]:
+        """The modelled tokens' spec, the source, the decoder (tokenizer / VAE) and diffusion settings."""
+        source = find_source(recipe, cfg.source_meta)
+        return {"arch": cfg.arch, "token_spec": source["token_spec"], "source": source["source"],
+                "diffusion": cls.diffusion_settings(cfg), **decoder_info(source)}
