@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,3 +38,20 @@ class ShardSource:
         if self.format == "mds":
             return (from_mds(row) for row in read_mds_shard(self.spec, self.handles[index]))
         return (from_wds(members) for members in read_tar(self.handles[index]))
+
+
+def read_shard_meta(shards: str, name: str, job: str, option: str, explicit: str = "") -> tuple[Path, dict[str, Any]]:
+    """``(path, contents)`` of the metadata file ``name`` (e.g. codes.json) a precompute ``job`` wrote
+    beside the shards ``shards`` (a shard spec: the first entry's directory), or ``explicit``.
+    A missing file is a one-line RecipeError naming the job and the recipe ``option`` that overrides it."""
+    from vtok.config import RecipeError
+
+    if explicit:
+        path = Path(explicit)
+    else:
+        first = Path(shards.split("::")[0].split("{")[0])
+        path = (first if first.is_dir() else first.parent) / name
+    if not path.is_file():
+        raise RecipeError(f"{path} not found: point data.train_shards at the output of `vtok precompute "
+                          f"{job}`, or set {option}=PATH/{name}")
+    return path, json.loads(path.read_text())

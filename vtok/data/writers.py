@@ -163,11 +163,15 @@ def _shard_samples(fmt: str, path: Path) -> int:
         return len({m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
 
 
-def finalize(out_dir: str | Path, fmt: str, prefix: str = "shard") -> int:
-    """Write ``manifest.json`` (and the merged MDS ``index.json``); returns the total sample count."""
+def finalize(out_dir: str | Path, fmt: str, prefix: str = "shard", counts: dict[str, int] | None = None,
+             extra: dict[str, Any] | None = None) -> int:
+    """Write ``manifest.json`` (and the merged MDS ``index.json``); returns the total sample count.
+    ``counts``: samples per shard name when the caller knows them (no re-reading of the shards);
+    ``extra``: more top-level manifest entries."""
     out = Path(out_dir)
     names = sorted(p.name for p in out.glob(f"{prefix}-*") if not p.name.endswith(".tmp"))
-    shards = [{"name": n, "samples": _shard_samples(fmt, out / n)} for n in names]
+    known = counts or {}
+    shards = [{"name": n, "samples": known[n] if n in known else _shard_samples(fmt, out / n)} for n in names]
     if fmt == "mds":
         merged = []
         for n in names:
@@ -178,7 +182,7 @@ def finalize(out_dir: str | Path, fmt: str, prefix: str = "shard") -> int:
                 merged.append(entry)
         atomic_write_bytes(out / "index.json", json.dumps({"version": 2, "shards": merged}).encode())
     total = sum(s["samples"] for s in shards)
-    manifest = {"format": fmt, "num_samples": total, "shards": shards}
+    manifest = {"format": fmt, "num_samples": total, "shards": shards, **(extra or {})}
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return total
 

@@ -3,7 +3,7 @@ pytorch-fid and torch-fidelity), loaded from a local weights file without pickle
 
 torch-fidelity's ``FeatureExtractorInceptionV3`` supplies the network and the TF1-compatible resize
 to 299x299. Its constructor either downloads the weights or reads them with
-``torch.load(weights_only=False)``; here it is built with the download hook returning nothing, and the
+``torch.load`` with unpickling allowed; here it is built with the download hook returning nothing, and the
 state dict, read safely (``weights_only=True`` / safetensors) and checked key by key, is loaded after.
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,28 +50,39 @@ class SampleOptions:
 
 
 @torch.no_grad()
-def sample_images(generator: torch.nn.Module, tokenizer: torch.nn.Module, labels: torch.Tensor,
-                  opts: SampleOptions, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generate and decode: labels (N,) -> (images (N, 3, H, W) in [-1, 1] on CPU, codes (N, k, *grid)).
-
-    Batch i draws from a generator seeded with ``seed + i``, so a run is reproducible for a fixed
-    batch size."""
-    check_pair(generator.token_spec, tokenizer.token_spec)
+def sample_batches(generator: torch.nn.Module, labels: torch.Tensor, opts: SampleOptions,
+                   draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+                   decode: Callable[[torch.Tensor], torch.Tensor], progress: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (N,) -> (images (N, 3, H, W) in [-1, 1] on CPU, tokens (N, ...) on CPU), ``opts.batch_size``
+    rows at a time: ``draw(rows, rng)`` samples tokens under the autocast dtype, ``decode`` maps them
+    to images. Batch i draws from a generator seeded with ``seed + i``, so a run is reproducible for a
+    fixed batch size."""
     device = next(generator.parameters()).device
     dtype = DTYPES[opts.dtype]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    images, codes = [], []
+    images, tokens = [], []
     batches = range(0, len(labels), opts.batch_size)
     for i, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
         rows = labels[start:start + opts.batch_size].to(device)
-        rng = torch.Generator(device).manual_seed(opts.seed + i)
         with autocast:
-            c = generator.generate(Condition(labels=rows), guidance=opts.guidance, guidance_schedule=opts.guidance_schedule,
-                                   temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                                   generator=rng)
-        codes.append(c.cpu())
-        images.append(tokenizer.decode(c).float().clamp(-1, 1).cpu())
-    return torch.cat(images), torch.cat(codes)
+            x = draw(rows, torch.Generator(device).manual_seed(opts.seed + i))
+        tokens.append(x.cpu())
+        images.append(decode(x).float().clamp(-1, 1).cpu())
+    return torch.cat(images), torch.cat(tokens)
+
+
+def sample_images(generator: torch.nn.Module, tokenizer: torch.nn.Module, labels: torch.Tensor,
+                  opts: SampleOptions, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT: labels (N,) -> (images (N, 3, H, W) in [-1, 1] on CPU, codes (N, k, *grid))."""
+    check_pair(generator.token_spec, tokenizer.token_spec)
+
+    def draw(rows: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        return generator.generate(Condition(labels=rows), guidance=opts.guidance,
+                                  guidance_schedule=opts.guidance_schedule, temperature=opts.temperature,
+                                  top_k=opts.top_k, top_p=opts.top_p, generator=rng)
+
+    return sample_batches(generator, labels, opts, draw, tokenizer.decode, progress)
 
 
 def check_pair(gen_spec: TokenSpec, tok_spec: TokenSpec) -> None:
@@ -102,29 +114,19 @@ def parse_interval(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-@torch.no_grad()
 def sample_diffusion(generator: torch.nn.Module, decode, labels: torch.Tensor, diffusion: dict,
                      opts: SampleOptions, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """DiT: labels (N,) -> (images (N, 3, H, W) in [-1, 1] on CPU, samples (N, *token_shape)).
-    ``decode`` maps samples to images; ``diffusion`` is the export's process settings. Batch i is
-    seeded with ``seed + i``."""
+    ``decode`` maps samples to images; ``diffusion`` is the export's process settings."""
     from vtok.tasks.dit import sample_dit
 
     interval = parse_interval(opts.guidance_interval)
-    device = next(generator.parameters()).device
-    dtype = DTYPES[opts.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    images, samples = [], []
-    batches = range(0, len(labels), opts.batch_size)
-    for i, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
-        rows = labels[start:start + opts.batch_size].to(device)
-        rng = torch.Generator(device).manual_seed(opts.seed + i)
-        with autocast:
-            x = sample_dit(generator, rows, diffusion, steps=opts.steps, solver=opts.solver,
-                           guidance=opts.guidance, interval=interval, apg=opts.apg, generator=rng)
-        samples.append(x.float().cpu())
-        images.append(decode(x.float()).clamp(-1, 1).cpu())
-    return torch.cat(images), torch.cat(samples)
+
+    def draw(rows: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        return sample_dit(generator, rows, diffusion, steps=opts.steps, solver=opts.solver,
+                          guidance=opts.guidance, interval=interval, apg=opts.apg, generator=rng).float()
+
+    return sample_batches(generator, labels, opts, draw, decode, progress)
 
 
 def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOptions, *, classes: str = "",

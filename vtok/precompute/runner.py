@@ -341,15 +341,8 @@ class Runner:
         """Rank 0, after every rank wrote its shards: manifest, job metadata, merged summary."""
         out, n = self.out, len(self.source)
         stats = [s for s in (_read_json(self._stats_path(i)) for i in range(n)) if s is not None]
-        if self.format == "mds":  # merges the parts' index.json files (small)
-            finalize(out, self.format)
-            manifest = json.loads((out / MANIFEST).read_text())
-        else:  # finalize's manifest from the stats: no re-reading every tar's headers at the end
-            shards = [{"name": shard_name("wds", s["shard"]), "samples": s["written"]} for s in stats]
-            manifest = {"format": "wds", "num_samples": sum(s["samples"] for s in shards), "shards": shards}
-        total = manifest["num_samples"]
-        manifest["precompute"] = ident
-        atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+        counts = {shard_name(self.format, s["shard"]): s["written"] for s in stats}  # no re-reading of shards
+        total = finalize(out, self.format, counts=counts, extra={"precompute": ident})
         meta = self.job.metadata()
         atomic_write_bytes(out / f"{self.job.name}.json", json.dumps(meta, indent=1).encode())
         bad = {k: v for s in stats for k, v in sorted(s["bad"].items())}

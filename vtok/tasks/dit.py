@@ -15,7 +15,6 @@ loss). The export records the diffusion settings, so ``vtok sample`` draws with 
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from vtok.config import RecipeError
+from vtok.data.shards import read_shard_meta
 from vtok.models.api import Condition, TokenSpec
 from vtok.models.diffusion import GaussianDiffusion, Guidance, RectifiedFlow
 from vtok.models.generators.dit import DiT
@@ -35,33 +35,20 @@ log = logging.getLogger("vtok.train")
 OBJECTIVES = ("flow", "ddpm")
 
 
-def _meta_file(shards: str, name: str, explicit: str) -> Path:
-    if explicit:
-        return Path(explicit)
-    first = Path(shards.split("::")[0].split("{")[0])
-    return (first if first.is_dir() else first.parent) / name
-
-
 def find_source(recipe: Any, explicit: str = "") -> dict[str, Any]:
     """What the DiT models, from ``data.fields`` and the shards' metadata: ``{"source": "image" |
     "latents" | "codes", "token_spec": TokenSpec, "meta": dict (the metadata file, {} for pixels)}``."""
     fields, res = list(recipe.data.fields), int(recipe.data.resolution)
     if "latents" in fields:
-        path = _meta_file(recipe.data.train_shards, "latents.json", explicit)
-        if not path.is_file():
-            raise RecipeError(f"{path} not found: point data.train_shards at the output of `vtok precompute "
-                              "latents`, or set model.source_meta=PATH/latents.json")
-        meta = json.loads(path.read_text())
+        _, meta = read_shard_meta(recipe.data.train_shards, "latents.json", "latents", "model.source_meta",
+                                  explicit)
         c, h, w = (int(s) for s in meta["shape"][-3:])
         spec = TokenSpec(shape=(c, h, w), resolution=int(meta.get("resolution", res)), dim=c,
                          downsample=int(meta.get("downsample", 0)), condition="class")
         return {"source": "latents", "token_spec": spec, "meta": meta}
     if "codes" in fields:
-        path = _meta_file(recipe.data.train_shards, "codes.json", explicit)
-        if not path.is_file():
-            raise RecipeError(f"{path} not found: point data.train_shards at the output of `vtok precompute "
-                              "codes`, or set model.source_meta=PATH/codes.json")
-        meta = json.loads(path.read_text())
+        path, meta = read_shard_meta(recipe.data.train_shards, "codes.json", "codes", "model.source_meta",
+                                     explicit)
         spec = TokenSpec.from_dict(meta["token_spec"])
         if spec.discrete:
             raise RecipeError(f"{path}: the codes are discrete; a DiT models continuous tokens (use the gpt task)")

@@ -8,7 +8,6 @@ sub-codes).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from vtok.config import RecipeError
+from vtok.data.shards import read_shard_meta
 from vtok.models.api import Condition, TokenSpec
 from vtok.models.export import load_export
 from vtok.models.registry import MODELS, build_model
@@ -28,15 +28,7 @@ log = logging.getLogger("vtok.train")
 
 def find_codes_meta(shards: str, explicit: str = "") -> dict[str, Any]:
     """The ``codes.json`` written beside code shards (``explicit`` path, else the shard directory)."""
-    if explicit:
-        path = Path(explicit)
-    else:
-        first = Path(shards.split("::")[0].split("{")[0])
-        path = (first if first.is_dir() else first.parent) / "codes.json"
-    if not path.is_file():
-        raise RecipeError(f"{path} not found: point data.train_shards at the output of `vtok precompute "
-                          "codes`, or set model.codes_meta=PATH/codes.json")
-    meta = json.loads(path.read_text())
+    path, meta = read_shard_meta(shards, "codes.json", "codes", "model.codes_meta", explicit)
     if "token_spec" not in meta:
         raise RecipeError(f"{path} was written by an older vtok (no token_spec); re-run `vtok precompute codes`")
     return meta

@@ -28,6 +28,7 @@ correspondence).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -140,7 +141,7 @@ class DiT(nn.Module):
             layer.reset_parameters()
         self.final_layer.reset_parameters()
 
-    @property
+    @functools.cached_property  # the config is fixed after construction; forward checks against it
     def token_spec(self) -> TokenSpec:
         """Continuous tokens: (C, S, S) latents in 2D mode, (N, C) tokens in 1D mode; ``dim`` = C."""
         cfg = self.cfg

@@ -16,6 +16,7 @@ Shapes: codes (B, k, *grid) with grid (h, w) or (n,); labels (B,); logits: k ten
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterable
@@ -90,7 +91,7 @@ class GPT(nn.Module):
         for out in self.out:
             nn.init.zeros_(out.weight)
 
-    @property
+    @functools.cached_property  # the config is fixed after construction; forward checks against it
     def token_spec(self) -> TokenSpec:
         """The tokens this generator models: (k, *token_shape) over ``vocab_sizes``, class-conditional.
         (The resolution belongs to the tokenizer; exports record the tokenizer's full spec.)"""

@@ -10,6 +10,7 @@ code: Dual = [visual, semantic]; Triple = [visual, semantic-mid (DINOv2), semant
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -117,7 +118,7 @@ class FQGAN(nn.Module):
             str(i): FeaturePredictionHead(cfg.vq.dim, width, cfg.grid ** 2, cfg.align_layers, cfg.align_heads)
             for i, width in cfg.align.items()})
 
-    @property
+    @functools.cached_property  # the config is fixed after construction; forward checks against it
     def token_spec(self) -> TokenSpec:
         """Codes (k, H/f, W/f) over k sub-codebooks at ``image_size``. With factor adapters (learned
         positions over the grid) only ``image_size`` is accepted; a plain VQGAN takes any multiple of f."""
