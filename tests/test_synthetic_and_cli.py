@@ -77,18 +77,18 @@ def test_help_works_for_every_subcommand(capsys):
 def test_sample_and_demo_flags_come_from_their_option_dataclasses():
     import dataclasses
 
-    from vtok.cli import build_parser, dataclass_from_args
+    from vtok.cli import DEMO_HELP, SAMPLE_HELP, build_parser, dataclass_from_args
     from vtok.demo import DemoOptions
     from vtok.eval.sample import SampleOptions
 
     parsers = dict(_subparsers(build_parser()))
-    for name, cls in (("sample", SampleOptions), ("demo", DemoOptions)):
+    for name, cls, cli_help in (("sample", SampleOptions, SAMPLE_HELP), ("demo", DemoOptions, DEMO_HELP)):
         actions = {a.dest: a for a in parsers[(name,)]._actions}
         for f in dataclasses.fields(cls):
             action = actions[f.name]
             assert action.option_strings == ["--" + f.name.replace("_", "-")]
             assert action.default == f.default, (name, f.name)
-            assert action.help == f.metadata.get("help"), (name, f.name)
+            assert action.help == f.metadata.get("help", cli_help.get(f.name)), (name, f.name)
     sample = parsers[("sample",)]
     assert sample._option_string_actions["--dtype"].choices == ("fp32", "bf16", "fp16")
     assert sample._option_string_actions["--guidance-schedule"].choices == ("constant", "linear")

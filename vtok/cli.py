@@ -1,4 +1,4 @@
-"""The ``vtok`` command line.
+"""The vtok command line.
 
     vtok demo [--out DIR]                       synthetic shapes -> FQGAN -> codes -> FAR -> sample grid
     vtok info RECIPE [key=value ...]            print the resolved recipe
@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
+import shlex
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from vtok.config import RecipeError, load_recipe, recipe_to_yaml
+from vtok.console import existing, setup_logging, summary
 from vtok.data.schema import SchemaError
 from vtok.data.transforms import DataError
 from vtok.eval import EvalError
@@ -32,6 +34,61 @@ from vtok.eval.inception import WEIGHTS_FILE as INCEPTION_FILE, WEIGHTS_URL as I
 
 USER_ERRORS = (RecipeError, DataError, SchemaError, FileNotFoundError, EvalError)
 CACHE_HELP = "reference-statistics cache (default: $VTOK_CACHE_DIR/fid, else ~/.cache/vtok/fid)"
+DESCRIPTION = ("vtok trains visual tokenizers and the generators on their tokens:\n"
+               "image shards -> tokenizer -> code shards -> generator -> samples, each stage one command.")
+RECIPE_HELP = "path to a recipe YAML, e.g. recipes/smoke/fqgan_dual.yaml"
+OVERRIDES_HELP = "dotlist overrides of recipe keys, e.g. train.steps=1000 run_dir=runs/try1 (default: none)"
+RUN_DIR_HELP = ("Each run writes into its recipe's run_dir (default: runs/<recipe name>, e.g. "
+                "runs/smoke-fqgan-dual; change it with the override run_dir=DIR): config.yaml, "
+                "run_info.json, metrics.jsonl, tensorboard/, samples/, checkpoints/step_*/ with a "
+                "'latest' pointer (ckpt.dir moves them), and COMPLETE when all steps are done. "
+                "Running the same command again resumes from the newest intact checkpoint.")
+DEMO_HELP = {"samples_per_shard": "training images per shard", "resolution": "image size in pixels",
+             "tokenizer_steps": "training steps of the smoke FQGAN-Dual tokenizer",
+             "generator_steps": "training steps of the smoke FAR generator",
+             "seed": "seed of the data, the training runs and the samples"}
+SAMPLE_HELP = {"guidance_schedule": "how the CFG scale varies over the tokens / steps",
+               "batch_size": "images per generator call"}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` with each option's default appended, "(default: X)", or "(default: none)" for an
+    empty one, unless its help already speaks of its default; nothing for flags (on/off), required
+    options and positionals."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is argparse.SUPPRESS or isinstance(default, bool)
+                or action.required or not action.option_strings):
+            return text
+        return f"{text} (default: {'none' if default in (None, '') else '%(default)s'})"
+
+
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The top-level help: description and command table kept as written."""
+
+
+def missing_help(cls: type, texts: Mapping[str, str]) -> dict[str, str]:
+    """``texts`` for the fields of dataclass ``cls`` whose metadata has no help (the dataclass's own
+    help always wins)."""
+    return {f.name: texts[f.name] for f in dataclasses.fields(cls)
+            if f.name in texts and not f.metadata.get("help")}
+
+
+def plain(text: str) -> str:
+    """Docstring text for ``--help``: no reStructuredText double backticks."""
+    return text.replace("``", "")
+
+
+def walk_parsers(parser: argparse.ArgumentParser, path: str = "vtok"
+                 ) -> Iterable[tuple[str, argparse.ArgumentParser]]:
+    """``(command path, parser)`` of ``parser`` and every subcommand parser under it."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from walk_parsers(child, f"{path} {name}")
 
 
 def _training_errors() -> tuple[type[Exception], ...]:
@@ -59,7 +116,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     trainer = Trainer(load_recipe(args.recipe, args.overrides))
     result = trainer.fit(resume=args.resume)
     if trainer.info.is_main:
-        print(f"vtok train: {result['status']} at step {result['step']}; run dir {trainer.run_dir}")
+        run = trainer.run_dir
+        again = shlex.join(["vtok", "train", args.recipe, *args.overrides])
+        nxt = (f"vtok export {shlex.join([args.recipe, *args.overrides])} --out DIR"
+               if result["status"] == "complete" and trainer.task.export_module else
+               again if result["status"] != "complete" else None)
+        print(summary(f"vtok train: {result['status']} at step {result['step']}; run dir {run}", [
+            ("run dir", run), ("checkpoint", trainer.ckpt.latest()), ("metrics", trainer.metrics_path),
+            ("config", existing(run / "config.yaml")), ("tensorboard", existing(run / "tensorboard")),
+            ("samples", existing(run / "samples")), ("next", nxt)]))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -74,14 +139,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     if path is None:
         raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; train first or pass --resume")
     weights, step = export_checkpoint(recipe, args.out, path, use_ema=args.ema)
-    print(f"vtok export: step {step} -> {weights} + config.json")
+    print(summary(f"vtok export: step {step} -> {weights} + config.json", [
+        ("export dir", args.out), ("weights", weights), ("config", existing(Path(args.out) / "config.json")),
+        ("from", f"{path}{' (EMA weights)' if args.ema else ''}")]))
 
 def cmd_synthetic(args: argparse.Namespace) -> None:
     from vtok.data.synthetic import write_synthetic
 
-    summary = write_synthetic(args.out, args.format, args.num_samples, args.samples_per_shard,
-                              args.resolution, args.seed, args.image_format, args.workers)
-    print(f"{args.out}: {summary}")
+    result = write_synthetic(args.out, args.format, args.num_samples, args.samples_per_shard,
+                             args.resolution, args.seed, args.image_format, args.workers)
+    print(summary(f"{args.out}: {result}", [
+        ("shards", args.out), ("manifest", existing(Path(args.out) / "manifest.json")),
+        ("next", f"vtok data inspect {args.out}")]))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -103,8 +172,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     s = run_sample(args.generator, args.tokenizer, args.out, opts, classes=args.classes,
                    per_class=args.per_class, npz=args.npz)
     extra = f" + {s['npz']}" if args.npz else ""
-    print(f"vtok sample: {s['num_images']} images in {s['seconds']:.1f}s ({s['images_per_s']:.2f} img/s) "
-          f"-> {s['grid']}{extra}")
+    print(summary(f"vtok sample: {s['num_images']} images in {s['seconds']:.1f}s ({s['images_per_s']:.2f} "
+                  f"img/s) -> {s['grid']}{extra}",
+                  [("grid", s["grid"]), ("npz", s["npz"] if args.npz else None),
+                   ("next", f"vtok eval gen --samples {s['npz']} --ref SHARDS --inception FILE --out DIR"
+                    if args.npz else None)]))
 
 
 def cmd_precompute(args: argparse.Namespace) -> None:
@@ -115,8 +187,12 @@ def cmd_precompute(args: argparse.Namespace) -> None:
     options, job_cls = job_classes(args.job)
     info = init_distributed()
     r = run_job(job_cls(dataclass_from_args(options, args)), dataclass_from_args(RunnerOptions, args), info)
-    print(f"vtok precompute {args.job}: rank {info.rank} wrote {r.written_shards} shards "
-          f"({r.skipped_shards} already done; {r.samples} samples, {r.bad} bad) -> {args.out}")
+    out = Path(args.out)
+    rows = [("shards", out), ("manifest", existing(out / "manifest.json")),
+            ("metadata", existing(out / f"{args.job}.json")), ("summary", existing(out / "precompute.json"))]
+    print(summary(f"vtok precompute {args.job}: rank {info.rank} wrote {r.written_shards} shards "
+                  f"({r.skipped_shards} already done; {r.samples} samples, {r.bad} bad) -> {args.out}",
+                  rows if info.is_main else []))
 
 
 def cmd_eval_recon(args: argparse.Namespace) -> None:
@@ -129,8 +205,10 @@ def cmd_eval_recon(args: argparse.Namespace) -> None:
     lp = f", LPIPS {report['lpips']:.4f}" if report["lpips"] is not None else ""
     fid = f", rFID {report['rfid']:.3f}" if report["rfid"] is not None else ""
     usage = ", ".join(f"{c['usage']:.1%}" for c in report["codebooks"])
-    print(f"vtok eval recon: {report['num_images']} images: PSNR {report['psnr']:.2f} dB, "
-          f"SSIM {report['ssim']:.4f}{lp}{fid}; codebook usage {usage} -> {args.out}/recon.json")
+    print(summary(f"vtok eval recon: {report['num_images']} images: PSNR {report['psnr']:.2f} dB, "
+                  f"SSIM {report['ssim']:.4f}{lp}{fid}; codebook usage {usage} -> {args.out}/recon.json",
+                  [("report", existing(Path(args.out) / "recon.json")),
+                   ("grid", existing(Path(args.out) / "recon_grid.png"))]))
     if report["rfid"] is None:
         print(f"  rFID not computed: pass --inception {INCEPTION_FILE} (from {INCEPTION_URL})")
 
@@ -142,9 +220,10 @@ def cmd_eval_gen(args: argparse.Namespace) -> None:
                           ref_stats=args.ref_stats, data_format=args.format, resolution=args.resolution,
                           batch_size=args.batch_size, max_ref=args.max_ref, cache_dir=args.cache_dir or None)
     ref = report["num_ref"] or "precomputed"
-    print(f"vtok eval gen: {report['num_samples']} samples vs {ref} reference images: "
-          f"gFID {report['gfid']:.3f}, IS {report['inception_score']:.2f} +- {report['inception_score_std']:.2f}"
-          f" -> {args.out}/gen.json")
+    print(summary(f"vtok eval gen: {report['num_samples']} samples vs {ref} reference images: "
+                  f"gFID {report['gfid']:.3f}, IS {report['inception_score']:.2f} +- "
+                  f"{report['inception_score_std']:.2f} -> {args.out}/gen.json",
+                  [("report", existing(Path(args.out) / "gen.json"))]))
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, help: Mapping[str, str] | None = None,
@@ -190,37 +269,42 @@ def build_parser() -> argparse.ArgumentParser:
     from vtok.precompute import JOBS as PRECOMPUTE_JOBS, job_classes as precompute_job_classes
     from vtok.precompute.runner import RunnerOptions
 
-    p = argparse.ArgumentParser(prog="vtok", description=__doc__.split("\n\n")[0])
+    commands = plain(__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(prog="vtok", description=DESCRIPTION, formatter_class=RawHelpFormatter,
+                                epilog=f"synopsis:\n{commands}Run `vtok COMMAND --help` for a command's options.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                         help="what to run (`vtok COMMAND --help` for its options)")
 
     demo = sub.add_parser("demo", help="the whole pipeline on built-in synthetic shapes: shards -> FQGAN "
                           "-> codes -> FAR -> samples (resumable)")
-    add_dataclass_args(demo, DemoOptions)
+    add_dataclass_args(demo, DemoOptions, help=missing_help(DemoOptions, DEMO_HELP))
     demo.set_defaults(func=cmd_demo)
 
     info = sub.add_parser("info", help="print a recipe resolved with its includes and overrides")
-    info.add_argument("recipe", help="recipe YAML, e.g. recipes/smoke/shapes_data.yaml")
-    info.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.resolution=128")
+    info.add_argument("recipe", help="path to a recipe YAML, e.g. recipes/smoke/shapes_data.yaml")
+    info.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.resolution=128 (default: none)")
     info.add_argument("--get", metavar="KEY", help="print one resolved value, e.g. --get run_dir")
     info.set_defaults(func=cmd_info)
 
-    train = sub.add_parser("train", help="train a recipe (resumes from its run dir by itself)")
-    train.add_argument("recipe")
-    train.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.steps=1000")
+    train = sub.add_parser("train", help="train a recipe (resumes from its run dir by itself)",
+                           description=f"Train a recipe on its data. {RUN_DIR_HELP}")
+    train.add_argument("recipe", help=RECIPE_HELP)
+    train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     train.add_argument("--resume", default="", help="a checkpoint dir (default: <run_dir>/checkpoints/latest)")
     train.set_defaults(func=cmd_train)
 
     export = sub.add_parser("export", help="write model.safetensors + config.json from a checkpoint")
-    export.add_argument("recipe")
-    export.add_argument("overrides", nargs="*")
-    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("recipe", help=f"{RECIPE_HELP}; its run_dir holds the checkpoints")
+    export.add_argument("overrides", nargs="*", help="the same dotlist overrides as for vtok train, e.g. "
+                        "run_dir=runs/try1 (default: none)")
+    export.add_argument("--out", required=True, help="output directory (model.safetensors, config.json)")
     export.add_argument("--resume", default="", help="checkpoint dir (default: the latest)")
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
     export.set_defaults(func=cmd_export)
 
     pre = sub.add_parser("precompute", help="offline jobs over shards").add_subparsers(
-        dest="precompute_command", required=True)
+        dest="precompute_command", required=True, metavar="JOB", help="the job to run over the shards")
     batch_defaults = {"captions": {"batch_size": 16}, "text-emb": {"batch_size": 128}}  # others: 64
     for name, (_, _, _, text) in PRECOMPUTE_JOBS.items():
         options, _ = precompute_job_classes(name)
@@ -235,53 +319,70 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the one its export names; a DiT on pixels needs none)")
     smp.add_argument("--out", required=True, help="output dir (samples.png, samples.npz)")
     smp.add_argument("--classes", default="", help="comma-separated class ids (default: all)")
-    smp.add_argument("--per-class", type=int, default=4)
-    add_dataclass_args(smp, SampleOptions)
+    smp.add_argument("--per-class", type=int, default=4, help="images per class")
+    add_dataclass_args(smp, SampleOptions, help=missing_help(SampleOptions, SAMPLE_HELP))
     smp.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0 uint8 NHWC) for eval gen")
     smp.set_defaults(func=cmd_sample)
 
-    ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
+    ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True,
+                                                                  metavar="WHAT", help="what to evaluate")
     recon = ev.add_parser("recon", help="PSNR / SSIM / LPIPS / codebook usage of a tokenizer export")
     recon.add_argument("--tokenizer", required=True, help="a `vtok export` directory")
     recon.add_argument("--data", required=True, help="eval image shards")
-    recon.add_argument("--format", choices=("wds", "mds"), default="wds")
+    recon.add_argument("--format", choices=("wds", "mds"), default="wds", help="format of --data")
     recon.add_argument("--out", required=True, help="report directory (recon.json, recon_grid.png)")
-    recon.add_argument("--resolution", type=int, default=256)
-    recon.add_argument("--batch-size", type=int, default=32)
+    recon.add_argument("--resolution", type=int, default=256, help="center-crop size of the eval images")
+    recon.add_argument("--batch-size", type=int, default=32, help="images per tokenizer call")
     recon.add_argument("--max-samples", type=int, default=0, help="0: the whole set")
-    recon.add_argument("--lpips-vgg", default="", help="torchvision vgg16 weights file for LPIPS")
-    recon.add_argument("--inception", default="", help=f"FID Inception weights ({INCEPTION_FILE}) for rFID")
+    recon.add_argument("--lpips-vgg", default="", help="torchvision vgg16 weights file for LPIPS "
+                       "(default: none: no LPIPS)")
+    recon.add_argument("--inception", default="", help=f"FID Inception weights ({INCEPTION_FILE}) for rFID "
+                       "(default: none: no rFID)")
     recon.add_argument("--cache-dir", default="", help=CACHE_HELP)
     recon.set_defaults(func=cmd_eval_recon)
     gen = ev.add_parser("gen", help="gFID / Inception Score of generated samples (ADM .npz)")
     gen.add_argument("--samples", required=True, help=".npz whose arr_0 is uint8 (N, H, W, 3)")
     refs = gen.add_mutually_exclusive_group(required=True)
-    refs.add_argument("--ref", default="", help="reference image shards (statistics are cached)")
-    refs.add_argument("--ref-stats", default="", help="precomputed reference .npz with mu, sigma")
+    refs.add_argument("--ref", default="", help="reference image shards (statistics are cached); "
+                      "this or --ref-stats is required (no default)")
+    refs.add_argument("--ref-stats", default="", help="precomputed reference .npz with mu, sigma; this or "
+                      "--ref is required (no default)")
     gen.add_argument("--format", choices=("wds", "mds"), default="wds", help="format of --ref")
     gen.add_argument("--inception", required=True, help=f"FID Inception weights ({INCEPTION_FILE})")
     gen.add_argument("--out", required=True, help="report directory (gen.json)")
     gen.add_argument("--resolution", type=int, default=256, help="center-crop size of the reference images")
-    gen.add_argument("--batch-size", type=int, default=64)
+    gen.add_argument("--batch-size", type=int, default=64, help="images per Inception call")
     gen.add_argument("--max-ref", type=int, default=0, help="reference images to use; 0: all")
     gen.add_argument("--cache-dir", default="", help=CACHE_HELP)
     gen.set_defaults(func=cmd_eval_gen)
 
-    data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command",
-                                                                            required=True)
-    syn = data.add_parser("synthetic", help="write the built-in coloured-shapes dataset")
-    syn.add_argument("out")
-    syn.add_argument("--format", choices=("wds", "mds"), default="wds")
-    syn.add_argument("--num-samples", type=int, default=2048)
-    syn.add_argument("--samples-per-shard", type=int, default=256)
-    syn.add_argument("--resolution", type=int, default=256)
-    syn.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
-    syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--workers", type=int, default=2)
+    data = sub.add_parser("data", help="dataset utilities").add_subparsers(
+        dest="data_command", required=True, metavar="TOOL", help="the dataset tool to run")
+    syn = data.add_parser("synthetic", help="write the built-in coloured-shapes dataset",
+                          description="Write the built-in coloured shapes (24 classes: 6 colours x 4 shapes, "
+                          "with captions) as shards. The smoke recipes (recipes/smoke/) read vtok_demo/wds: "
+                          "`vtok data synthetic vtok_demo/wds`. Resumable: finished shards are kept.")
+    syn.add_argument("out", help="output directory of the shards, e.g. vtok_demo/wds")
+    syn.add_argument("--format", choices=("wds", "mds"), default="wds",
+                     help="shard format: WebDataset tars or MosaicML MDS")
+    syn.add_argument("--num-samples", type=int, default=2048, help="images to write")
+    syn.add_argument("--samples-per-shard", type=int, default=256, help="images per shard")
+    syn.add_argument("--resolution", type=int, default=256, help="image size in pixels (square)")
+    syn.add_argument("--image-format", choices=("jpg", "png"), default="jpg", help="image encoding")
+    syn.add_argument("--seed", type=int, default=0, help="seed of the shapes, colours and positions")
+    syn.add_argument("--workers", type=int, default=2, help="processes writing shards in parallel")
     syn.set_defaults(func=cmd_synthetic)
     ins = data.add_parser("inspect", help="summarise a shard directory or tar")
-    ins.add_argument("path")
+    ins.add_argument("path", help="a shard directory (WebDataset or MDS) or one .tar")
     ins.set_defaults(func=cmd_inspect)
+    for _, parser in walk_parsers(p):
+        parser.formatter_class = RawHelpFormatter if parser is p else HelpFormatter
+        for action in parser._actions:  # a subcommand's own --help starts with its one-line help
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    child = action.choices[choice.dest]
+                    if child.description is None and choice.help:
+                        child.description = choice.help[:1].upper() + choice.help[1:] + "."
     return p
 
 
@@ -298,9 +399,7 @@ def load_plugins() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     load_plugins()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("streaming").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    setup_logging(args.verbose)  # tqdm-aware: log lines go above the progress bars, never onto them
     try:
         args.func(args)
     except USER_ERRORS + (_training_errors() if args.command in ("train", "export") else ()) as e:

@@ -17,6 +17,7 @@ import torch
 from vtok.data.schema import from_mds
 from vtok.data.stream import Batcher, guarded, worker_identity
 from vtok.data.transforms import DataError, SampleDecoder
+from vtok.data.webdataset import write_shards_hint
 
 
 def open_streaming(local: str, remote: str, *, batch_size: int, seed: int, shuffle: bool,
@@ -26,7 +27,7 @@ def open_streaming(local: str, remote: str, *, batch_size: int, seed: int, shuff
 
     if not remote and not (Path(local) / "index.json").is_file():
         raise DataError(f"no MDS dataset at {local} (missing index.json; from {setting}={local!r}); "
-                        "check the path, or write shards with data_prep/make_shards.py --format mds")
+                        f"{write_shards_hint(local, 'mds')}")
     if remote.startswith("file://"):
         raise DataError(f"data.remote={remote!r}: streaming cannot read file:// remotes; "
                         "point data.train_shards at the local directory instead")

@@ -49,8 +49,15 @@ def read_shard_meta(shards: str, name: str, job: str, option: str, explicit: str
     if explicit:
         path = Path(explicit)
     else:
-        first = Path(shards.split("::")[0].split("{")[0])
-        path = (first if first.is_dir() else first.parent) / name
+        from vtok.data.webdataset import REMOTE, write_shards_hint
+
+        spec = shards.split("::")[0]
+        first = Path(spec.split("{")[0])
+        folder = first.parent if "{" in spec or first.is_file() or REMOTE.match(spec) else first
+        if not folder.is_dir() and not REMOTE.match(spec):
+            raise RecipeError(f"shards not found: {first} (from data.train_shards={shards!r}); "
+                              f"{write_shards_hint(str(first), job=job)}")
+        path = folder / name
     if not path.is_file():
         raise RecipeError(f"{path} not found: point data.train_shards at the output of `vtok precompute "
                           f"{job}`, or set {option}=PATH/{name}")

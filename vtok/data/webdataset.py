@@ -44,6 +44,31 @@ log = logging.getLogger("vtok.data")
 REMOTE = re.compile(r"^(pipe:|https?://|s3://|gs://)")
 
 
+SMOKE_DATA = "vtok_demo"  # where `vtok demo` and the smoke recipes (recipes/smoke/) keep their data
+
+
+def write_shards_hint(path: str, fmt: str = "wds", job: str = "") -> str:
+    """What creates the missing shards at ``path``, as the end of an error message: the command
+    that writes the smoke recipes' data when the path is under ``vtok_demo/``, else the shard
+    writers for real images and for the built-in shapes, or ``vtok precompute <job>`` for shards
+    that a precompute ``job`` (codes, latents, ...) writes."""
+    p = Path(path)
+    folder = p.parent if p.suffix == ".tar" or "{" in p.name else p
+    flag = " --format mds" if fmt == "mds" else ""
+    smoke = SMOKE_DATA in p.parts
+    if job or (smoke and folder.name == "codes"):
+        job = job or "codes"
+        demo = (f"`vtok demo --out {folder.parent}` writes them (its stage 3), or "
+                if smoke and job == "codes" else "")
+        return (f"{demo}write them with `vtok precompute {job} --data IMAGE_SHARDS --out {folder} ...` "
+                f"(see `vtok precompute {job} --help`)")
+    if smoke:
+        demo = f", or run `vtok demo --out {folder.parent}`" if fmt == "wds" and folder.name == "wds" else ""
+        return f"create them with `vtok data synthetic {folder}{flag}` (the built-in shapes){demo}"
+    return (f"check the path, or write shards there with `python data_prep/make_shards.py --images IMAGE_DIR "
+            f"--out {folder}{flag}` (real images) or `vtok data synthetic {folder}{flag}` (built-in shapes)")
+
+
 def expand_shards(spec: str, setting: str = "data.train_shards") -> list[str]:
     """Shard list from a spec: paths, brace ranges, ``pipe:`` / http URLs, or directories; several
     specs are joined with ``::`` (webdataset's convention; commands in ``pipe:`` URLs keep their spaces).
@@ -69,8 +94,8 @@ def expand_shards(spec: str, setting: str = "data.train_shards") -> list[str]:
                         "like data/train-{000000..000099}.tar, or a directory of shards")
     for url in urls:
         if not REMOTE.match(url) and not Path(url).exists():  # (a named pipe is fine too)
-            raise DataError(f"shard not found: {url} (from {setting}={spec!r}); check the path, "
-                            "or write shards with data_prep/make_shards.py")
+            raise DataError(f"shard not found: {url} (from {setting}={spec!r}); "
+                            f"{write_shards_hint(url)}")
     return urls
 
 

@@ -69,9 +69,8 @@ def save_export(out_dir: str | Path, model: nn.Module, arch: str, *, state: dict
     """Write ``model`` (registry name ``arch``) as an export; ``state``: its full weights when the
     module itself is sharded (default: ``model.state_dict()``); ``token_spec``: default the model's.
     Returns the weights path."""
-    from safetensors.torch import save_file
-
     from vtok.data.writers import atomic_write_bytes
+    from vtok.files import save_safetensors
 
     if arch not in MODELS or not isinstance(model, MODELS[arch].model):
         raise ExportError(f"cannot export a {type(model).__name__} as {arch!r}: not that registry entry's class")
@@ -79,11 +78,9 @@ def save_export(out_dir: str | Path, model: nn.Module, arch: str, *, state: dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if state is None else state
-    weights = out / WEIGHTS
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
-               for k, v in state.items()}, str(tmp))
-    tmp.replace(weights)
+    weights = save_safetensors({k: v.detach().float().cpu().contiguous() if v.is_floating_point()
+                                else v.detach().cpu().contiguous() for k, v in state.items()},
+                               out / WEIGHTS)  # atomic, and with the umask's mode (not 0600)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "vtok_version": vtok.__version__,
               "kind": model_kind(model), "arch": arch, "config": _jsonable(model.cfg),
               "token_spec": spec.to_dict(), "resolution": spec.resolution, **(meta or {})}

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from vtok.data.writers import atomic_write_bytes
+from vtok.files import respect_umask
 from vtok.parallel.dist import DistInfo, barrier, broadcast_object
 
 log = logging.getLogger("vtok.train")
@@ -176,6 +177,7 @@ class CheckpointManager:
         torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{self.info.rank:05d}.pt")
         barrier()
         if self.info.is_main:
+            respect_umask(tmp)  # safetensors writes 0600; colleagues must be able to read checkpoints
             meta = {**meta, "format": FORMAT, "step": step, "world_size": self.info.world_size,
                     "saved_at": time.time(), "files": file_manifest(tmp)}
             meta["digest"] = _meta_digest(meta)

@@ -5,8 +5,9 @@ import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -16,17 +17,46 @@ from vtok.config.schema import LogConfig
 log = logging.getLogger("vtok.train")
 
 
+def phase_abbreviations(phases: Sequence[str]) -> dict[str, str]:
+    """Short bar names of optimizer phases: none for a single phase (its loss shows as ``loss``),
+    else the first letter when the letters are distinct (generator/discriminator: ``g``/``d``),
+    else the phase names."""
+    if len(phases) <= 1:
+        return {p: "" for p in phases}
+    if len({p[:1] for p in phases}) == len(phases):
+        return {p: p[:1] for p in phases}
+    return {p: p for p in phases}
+
+
+def bar_postfix(metrics: Mapping[str, float], phases: Sequence[str] = ()) -> dict[str, str]:
+    """The progress bar's postfix: every ``*loss`` metric, named per phase so that two phases'
+    losses never share a name (``generator/loss`` -> ``g_loss``, ``discriminator/loss`` ->
+    ``d_loss``; a lone phase's ``main/loss`` -> ``loss``), and the throughput."""
+    short = phase_abbreviations(phases or sorted({k.split("/")[0] for k in metrics if "/" in k}))
+    out: dict[str, str] = {}
+    for key, value in metrics.items():
+        if not (key.endswith("loss") or key == "samples_per_s"):
+            continue
+        phase, _, name = key.rpartition("/")
+        prefix = short.get(phase, phase.replace("/", "_"))
+        label = f"{prefix}_{name}" if prefix else name
+        out[label if label not in out else key] = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return out
+
+
 class MetricLogger:
-    """Fan one ``log(step, metrics)`` out to every configured sink; a no-op off rank 0."""
+    """Fan one ``log(step, metrics)`` out to every configured sink; a no-op off rank 0. ``phases``:
+    the task's optimizer phases, for the loss names on the progress bar."""
 
     def __init__(self, run_dir: Path, cfg: LogConfig, *, enabled: bool, total_steps: int,
-                 start_step: int, run_name: str, config: dict[str, Any]):
-        self.enabled = enabled
+                 start_step: int, run_name: str, config: dict[str, Any], phases: Sequence[str] = ()):
+        self.enabled, self.run_name, self.phases = enabled, run_name, tuple(phases)
         self.jsonl = self.tb = self.wandb = self.bar = None
+        self.path = run_dir / "metrics.jsonl"
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.jsonl = open(self.path, "a", buffering=1)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -55,18 +85,40 @@ class MetricLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.bar is not None:
-            shown = {k.split("/")[-1] if k.endswith("loss") else k: v for k, v in metrics.items()
-                     if k.endswith("loss") or k in ("samples_per_s",)}
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            shown = bar_postfix({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, self.phases)
+            if shown:
+                self.bar.set_postfix(shown, refresh=False)
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
 
+    @contextmanager
+    def status(self, text: str, log_without_bar: bool = True) -> Iterator[None]:
+        """Say what the run is doing between steps (a sample pass, a checkpoint save): on the bar's
+        description while it lasts, or, with no bar, as one log line (``log_without_bar``)."""
+        if self.bar is None:
+            if self.enabled and log_without_bar:
+                log.info("%s...", text)
+            yield
+            return
+        self.bar.set_description(f"{self.run_name} [{text}...]", refresh=True)
+        try:
+            yield
+        finally:
+            if self.bar is not None:
+                self.bar.set_description(self.run_name, refresh=True)
+
+    def close_bar(self) -> None:
+        """Draw the bar a last time and end its line (once; later calls do nothing)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def close(self) -> None:
-        for sink in (self.bar, self.tb):
-            if sink is not None:
-                sink.close()
+        self.close_bar()
+        if self.tb is not None:
+            self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
         if self.jsonl is not None:

@@ -116,6 +116,7 @@ class Trainer:
         self.ckpt = CheckpointManager(recipe.ckpt.dir or self.run_dir / "checkpoints",
                                       recipe.ckpt.keep_last, self.info, trust=recipe.ckpt.trust)
         self.step = 0
+        self.metrics_path: Path | None = None  # <run_dir>/metrics.jsonl once fit() has opened it
 
     def _optim_configs(self) -> dict[str, OptimConfig]:
         declared, given = list(self.task.optimizers), self.recipe.train.optim
@@ -164,7 +165,9 @@ class Trainer:
         self._write_run_info()
         logger = MetricLogger(self.run_dir, self.recipe.log, enabled=self.info.is_main,
                               total_steps=tc.steps, start_step=self.step, run_name=self.recipe.name,
-                              config=json.loads(json.dumps(asdict(self.recipe), default=str)))
+                              config=json.loads(json.dumps(asdict(self.recipe), default=str)),
+                              phases=list(self.optim_cfgs))
+        self.metrics_path = logger.path
         watcher, batches = PreemptionWatcher(), Batches(self.loader, self.info.device)
         peak = device_peak_tflops(self.info.device, tc.peak_tflops)
         bad_in_a_row, last, status = 0, {}, "complete"
@@ -183,22 +186,26 @@ class Trainer:
                         "check the data, then resume from it")
                 for ema in self.ema.values() if self.step % tc.ema.every_steps == 0 else ():
                     ema.update(self.strategy.raw[self._ema_name(ema)])
-                logger.advance()
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     samples = sum(self.task.batch_size(b) for b in micro) * self.info.world_size
                     last = self._throughput(metrics, samples, t0, t_data, peak)  # syncs the device
                     last = all_mean(last)
                     last["bad_steps_in_a_row"] = bad_in_a_row
-                    logger.log(self.step, last)
+                    logger.log(self.step, last)  # before the bar moves: it shows this step's losses
+                logger.advance()
                 if tc.eval_every and self.step % tc.eval_every == 0:
-                    logger.log(self.step, {f"eval/{k}": v for k, v in
-                                           self.task.evaluate(self.step, str(self.run_dir)).items()})
+                    with logger.status(f"evaluating at step {self.step}"):  # sample passes take a while
+                        evaluated = self.task.evaluate(self.step, str(self.run_dir))
+                    logger.log(self.step, {f"eval/{k}": v for k, v in evaluated.items()})
                 if self.step % self.recipe.ckpt.every_steps == 0 and self.step < tc.steps:
-                    self.save()
+                    with logger.status("saving checkpoint", log_without_bar=False):
+                        self.save()
                 if watcher.should_stop():
                     status = "preempted"
                     break
-            self.save()
+            with logger.status("saving checkpoint", log_without_bar=False):
+                self.save()
+            logger.close_bar()  # the final bar, drawn once, before anything else is printed
             if status == "complete" and self.info.is_main:
                 (self.run_dir / COMPLETE).write_text(str(self.step))
             barrier()
