@@ -12,7 +12,8 @@ from torch import nn
 
 from vtok.config import RecipeError
 from vtok.models.generators import GPT, DiT, DiTConfig, GPTConfig
-from vtok.models.quant import L2VectorQuantizer
+from vtok.models.quant import FSQ, L2VectorQuantizer
+from vtok.models.tokenizers.flextok import FlexTok, FlexTokConfig
 from vtok.models.tokenizers.fqgan import FQGAN, FQGANConfig
 from vtok.models.tokenizers.vqgan import CNNConfig
 
@@ -96,6 +97,18 @@ def dit(size: str, patch: int, params: int | None, source: str = "", **kw) -> En
     return Entry(DiT, cfg, params, source)
 
 
+def flextok(encoder_depth: int, decoder_depth: int, params: int | None, source: str = "", **kw) -> Entry:
+    """FlexTok sizes d{enc}-d{dec} (apple/ml-flextok): width 64 x depth, head dim 64, on 32x32x16 VAE
+    latents (256 px), 256 registers, FSQ [8, 8, 8, 5, 5, 5], REPA off (its projector is training-only
+    and not in the published counts), unless ``kw`` overrides config fields."""
+    cfg = FlexTokConfig(**{**dict(encoder_depth=encoder_depth, encoder_width=64 * encoder_depth,
+                                  decoder_depth=decoder_depth, decoder_width=64 * decoder_depth), **kw})
+    return Entry(FlexTok, cfg, params, source)
+
+
+# 8x8x4 latents (64 px at x8) in 2x2 patches, 16 registers over FSQ [8, 5, 5, 5] (1,000 codes)
+TINY_FLEXTOK = dict(encoder_width=64, decoder_width=64, head_dim=32, latent_channels=4, latent_size=8,
+                    num_registers=16, fsq=FSQ.Config(levels=(8, 5, 5, 5)), nested_dropout="uniform")
 TINY_DIT = dict(depth=2, hidden=64, heads=4, num_classes=24)
 TINY_1D = dict(token_mode="1d", input_size=32, in_channels=8)
 TINY_GPT = dict(depth=4, dim=128, heads=4, token_shape=(8, 8), num_classes=24)
@@ -110,6 +123,11 @@ MODELS: dict[str, Entry] = {
     "vqgan-tiny": fqgan(TINY_CNN, 1, {}, None, **TINY),
     "fqgan-dual-tiny": fqgan(TINY_CNN, 2, {1: 32}, None, **TINY),
     "fqgan-triple-tiny": fqgan(TINY_CNN, 3, {1: 16, 2: 32}, None, **TINY),
+    # FlexTok (apple/ml-flextok classes counted on meta, encoder + decoder to 10k, VAE excluded; PAPERS.md)
+    "flextok-d12-d12": flextok(12, 12, 257_440_000, "FlexTok d12-d12: 85.19M + 172.25M"),
+    "flextok-d18-d18": flextok(18, 18, 865_320_000, "FlexTok d18-d18: 287.03M + 578.29M"),
+    "flextok-d18-d28": flextok(18, 28, 2_456_310_000, "FlexTok d18-d28: 287.03M + 2169.28M"),
+    "flextok-tiny": flextok(2, 2, None, **TINY_FLEXTOK),
     # generators (LlamaGen autoregressive/models/gpt.py; FQGAN autoregressive/models/far_*.py)
     "gpt-b": gpt(12, 768, 12, 110_888_448, "LlamaGen GPT-B"),
     "gpt-l": gpt(24, 1024, 16, 342_910_976, "LlamaGen GPT-L"),

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vtok.models.layers.norms import make_norm
 from vtok.models.layers.rope import apply_rope
 
 
@@ -40,10 +41,25 @@ def causal_mask(queries: int, keys: int, device: torch.device | str = "cpu") -> 
     return torch.arange(keys, device=device)[None, :] <= q
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention: (B, N, D) -> (B, N, D)."""
+def prefix_lm_mask(prefix: int, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean (length, length) prefix-LM mask, True where attention is allowed: the first ``prefix``
+    positions attend to each other in both directions (never to later ones); every later position
+    attends to the whole prefix and causally to itself and the later positions before it.
+    (FlexTok's encoder "causal_last": [patches | registers], register i sees patches and registers <= i.)"""
+    mask = causal_mask(length, length, device)
+    mask[:, :prefix] = True
+    mask[:prefix, prefix:] = False
+    return mask
 
-    def __init__(self, dim: int, num_heads: int, bias: bool = True, dropout: float = 0.0):
+
+class Attention(nn.Module):
+    """Multi-head self-attention: (B, N, D) -> (B, N, D).
+
+    ``qk_norm``: a ``make_norm`` kind applied per head to queries and keys before the dot product
+    (QK-norm; FlexTok uses "layer_fp32"); None (default) leaves them as projected."""
+
+    def __init__(self, dim: int, num_heads: int, bias: bool = True, dropout: float = 0.0, *,
+                 qk_norm: str | None = None, qk_norm_eps: float = 1e-6):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
@@ -51,6 +67,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        # None by default, so models without QK-norm keep their module tree and state dict
+        self.q_norm = make_norm(qk_norm, self.head_dim, qk_norm_eps) if qk_norm is not None else None
+        self.k_norm = make_norm(qk_norm, self.head_dim, qk_norm_eps) if qk_norm is not None else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, rope: torch.Tensor | None = None,
                 causal: bool = False, cache: KVCache | None = None) -> torch.Tensor:
@@ -58,7 +77,12 @@ class Attention(nn.Module):
         itself and earlier ones (with a ``cache``, earlier includes everything cached)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if rope is not None:
+        if self.q_norm is not None:  # QK-norm (per head), before any rotary embedding
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(torch.stack([q, k]), rope).unbind(0)
+        elif rope is not None:
             q, k = apply_rope(qkv[:2], rope).unbind(0)  # queries and keys in one call
             v = qkv[2]
         else:

@@ -18,10 +18,26 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (cast back after): (..., D) -> (..., D).
+    ``elementwise_affine=False`` gives the affine-free norm of FlexTok's blocks (and their QK-norm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+NORMS = ("layer", "rms", "layer_fp32")
+
+
 def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
-    """``"layer"`` (LayerNorm with bias) or ``"rms"`` (RMSNorm)."""
+    """``"layer"`` (LayerNorm with bias), ``"rms"`` (RMSNorm) or ``"layer_fp32"`` (affine-free
+    LayerNorm computed in fp32: no parameters)."""
     if kind == "layer":
         return nn.LayerNorm(dim, eps=eps)
     if kind == "rms":
         return RMSNorm(dim, eps)
-    raise ValueError(f"norm {kind!r} is not 'layer' or 'rms'")
+    if kind == "layer_fp32":
+        return FP32LayerNorm(dim, eps=eps, elementwise_affine=False)
+    raise ValueError(f"norm {kind!r} is not one of {', '.join(NORMS)}")
