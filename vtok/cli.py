@@ -1,6 +1,7 @@
 """The vtok command line.
 
     vtok demo [--out DIR]                       synthetic shapes -> FQGAN -> codes -> FAR -> sample grid
+    vtok demo --family dit [--out DIR]          synthetic shapes -> DiT (rectified flow) -> sample grid
     vtok info RECIPE [key=value ...]            print the resolved recipe
     vtok train RECIPE [key=value ...]           train (resumes from the run dir's latest checkpoint)
     vtok export RECIPE --out DIR                model.safetensors + config.json for inference
@@ -45,7 +46,6 @@ RUN_DIR_HELP = ("Each run writes into its recipe's run_dir (default: runs/<recip
                 "Running the same command again resumes from the newest intact checkpoint.")
 DEMO_HELP = {"samples_per_shard": "training images per shard", "resolution": "image size in pixels",
              "tokenizer_steps": "training steps of the smoke FQGAN-Dual tokenizer",
-             "generator_steps": "training steps of the smoke FAR generator",
              "seed": "seed of the data, the training runs and the samples"}
 SAMPLE_HELP = {"guidance_schedule": "how the CFG scale varies over the tokens / steps",
                "batch_size": "images per generator call"}
@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--resume", default="", help="checkpoint dir (default: the latest)")
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
     export.set_defaults(func=cmd_export)
+
+    from vtok.importers.cli import add_import_parser  # vtok import KIND CHECKPOINT --out DIR
+    add_import_parser(sub)
 
     pre = sub.add_parser("precompute", help="offline jobs over shards").add_subparsers(
         dest="precompute_command", required=True, metavar="JOB", help="the job to run over the shards")

@@ -1,8 +1,15 @@
 """``vtok demo``: the whole pipeline on the built-in synthetic shapes, on a CPU in minutes.
 
+``--family fqgan`` (default): a tokenizer and an AR generator on its codes:
+
     synthetic shapes ──▶ WebDataset shards ──▶ smoke FQGAN-Dual (recipes/smoke/fqgan_dual.yaml)
       ──▶ export ──▶ reconstruction eval ──▶ code shards ──▶ smoke FAR (recipes/smoke/far_dual.yaml)
       ──▶ export ──▶ class-conditional samples ──▶ demo.json
+
+``--family dit``: a class-conditional DiT (rectified flow) on the 16 px images themselves
+(recipes/smoke/dit_shapes.yaml; the same task and DiT code that train on VAE latents at scale):
+
+    synthetic shapes ──▶ WebDataset shards ──▶ smoke DiT ──▶ export ──▶ samples ──▶ demo.json
 
 Every stage resumes: finished shards, trained runs (``COMPLETE``) and exports are kept, so a second
 ``vtok demo`` only re-samples. Class faithfulness: the dominant colour of each sample's shape
@@ -29,14 +36,17 @@ class DemoOptions:
     """What ``vtok demo`` runs; each field is a ``--flag`` (``metadata["help"]`` is its help)."""
 
     out: str = field(default="vtok_demo", metadata={"help": "output directory (default: vtok_demo)"})
+    family: str = field(default="fqgan", metadata={
+        "help": "fqgan: FQGAN tokenizer -> codes -> FAR (AR); dit: a DiT on the 16 px images (diffusion)"})
     num_samples: int = field(default=2048, metadata={"help": "training images"})
     samples_per_shard: int = 128
     resolution: int = 32
     workers: int = field(default=2, metadata={"help": "data loader workers"})
     tokenizer_steps: int = 500
-    generator_steps: int = 600
+    generator_steps: int = field(default=600, metadata={"help": "steps of the FAR / DiT generator"})
     per_class: int = field(default=4, metadata={"help": "samples per class (24 classes)"})
     guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale"})
+    dit_resolution: int = field(default=16, metadata={"help": "image side the --family dit DiT models"})
     seed: int = 0
 
 
@@ -72,26 +82,64 @@ def class_faithfulness(images: np.ndarray, labels: np.ndarray) -> float:
     return float((dominant_colour(images) == colour_of_class(labels)).mean())
 
 
+FAMILIES = ("fqgan", "dit")
+
+
 def run_demo(opts: DemoOptions) -> dict:
-    """Run (or resume) every stage; writes ``<out>/demo.json`` and returns it."""
-    from vtok.data.synthetic import NUM_CLASSES, render_sample, write_synthetic
-    from vtok.eval.recon import evaluate_recon
-    from vtok.eval.sample import SampleOptions, run_sample
-    from vtok.parallel.dist import init_distributed
-    from vtok.precompute.codes import precompute_codes
+    """Run (or resume) every stage of ``opts.family``; writes ``<out>/demo.json`` and returns it."""
+    from vtok.config import RecipeError
 
-    out, res = Path(opts.out).resolve(), opts.resolution
-    timings, report = {}, {"options": vars(opts)}
-    common = [f"data.resolution={res}", f"data.num_workers={opts.workers}", "log.tensorboard=false",
-              f"seed={opts.seed}"]
+    if opts.family not in FAMILIES:
+        raise RecipeError(f"--family {opts.family!r}: expected one of {', '.join(FAMILIES)}")
+    out = Path(opts.out).resolve()
+    timings: dict[str, float] = {}
+    report: dict = {"options": vars(opts)}
+    stages = 5 if opts.family == "fqgan" else 3
+    t = _stage(f"1/{stages} data: {opts.num_samples} synthetic {opts.resolution}px shapes (24 classes) -> {out}/wds")
+    _data(opts, out)
+    timings["data"] = time.perf_counter() - t
+    if opts.family == "fqgan":
+        tokenizer, res = _fqgan_stages(opts, out, report, timings), opts.resolution
+    else:
+        tokenizer, res = _dit_stage(opts, out, report, timings), opts.dit_resolution
+    t = _stage(f"{stages}/{stages} sampling: {opts.per_class} per class, guidance {opts.guidance}")
+    report["samples"] = _sample(opts, out, tokenizer, res)
+    timings["sampling"] = time.perf_counter() - t
+    report["seconds"] = timings
+    atomic_write_bytes(out / "demo.json", json.dumps(report, indent=1, default=str).encode())
+    s = report["samples"]
+    print(f"\nclass faithfulness: {s['class_colour_match']:.0%} of samples have their class's colour "
+          f"(real images {s['real_colour_match']:.0%}, chance 17%)")
+    print(f"stage times: {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")
+    recon = f"{out / 'recon_grid.png'} (originals above reconstructions), " if opts.family == "fqgan" else ""
+    print(f"pictures: {out / 'samples.png'} (one row per class), {recon}{out / 'runs/generator/samples'}/ "
+          f"(samples during training); metrics: {out / 'demo.json'}")
+    return report
 
-    t = _stage(f"1/5 data: {opts.num_samples} synthetic {res}px shapes (24 classes) -> {out}/wds")
+
+def _common(opts: DemoOptions, resolution: int) -> list[str]:
+    return [f"data.resolution={resolution}", f"data.num_workers={opts.workers}", "log.tensorboard=false",
+            f"seed={opts.seed}"]
+
+
+def _data(opts: DemoOptions, out: Path) -> None:
+    """Training shards (``<out>/wds``) and 256 held-out images (``<out>/eval``)."""
+    from vtok.data.synthetic import write_synthetic
+
+    res = opts.resolution
     print(write_synthetic(out / "wds", "wds", opts.num_samples, opts.samples_per_shard, res, seed=opts.seed,
                           workers=opts.workers))
     print(write_synthetic(out / "eval", "wds", 256, opts.samples_per_shard, res, seed=opts.seed + 1,
                           workers=opts.workers))
-    timings["data"] = time.perf_counter() - t
 
+
+def _fqgan_stages(opts: DemoOptions, out: Path, report: dict, timings: dict[str, float]) -> str:
+    """Tokenizer, reconstruction eval, code shards and the FAR generator; returns the tokenizer dir."""
+    from vtok.eval.recon import evaluate_recon
+    from vtok.parallel.dist import init_distributed
+    from vtok.precompute.codes import precompute_codes
+
+    res, common = opts.resolution, _common(opts, opts.resolution)
     t = _stage(f"2/5 tokenizer: smoke FQGAN-Dual, {opts.tokenizer_steps} steps")
     last = _train("fqgan_dual.yaml", [*common, f"data.train_shards={out / 'wds'}", f"run_dir={out / 'runs/tokenizer'}",
                                       f"train.steps={opts.tokenizer_steps}"], out / "tokenizer")
@@ -113,9 +161,28 @@ def run_demo(opts: DemoOptions) -> dict:
                                     f"train.steps={opts.generator_steps}"], out / "generator")
     report["generator"] = {k: v for k, v in last.items() if k.startswith("main/")}
     timings["generator"] = time.perf_counter() - t
+    return str(out / "tokenizer")
 
-    t = _stage(f"5/5 sampling: {opts.per_class} per class, guidance {opts.guidance}")
-    sampled = run_sample(str(out / "generator"), str(out / "tokenizer"), str(out),
+
+def _dit_stage(opts: DemoOptions, out: Path, report: dict, timings: dict[str, float]) -> str:
+    """The smoke DiT on the images at ``dit_resolution``; returns "" (pixels need no decoder)."""
+    t = _stage(f"2/3 generator: smoke DiT (rectified flow) on {opts.dit_resolution}px images, "
+               f"{opts.generator_steps} steps")
+    last = _train("dit_shapes.yaml", [*_common(opts, opts.dit_resolution), f"data.train_shards={out / 'wds'}",
+                                      f"run_dir={out / 'runs/generator'}", f"train.steps={opts.generator_steps}"],
+                  out / "generator")
+    report["generator"] = {k: v for k, v in last.items() if k.startswith("main/")}
+    timings["generator"] = time.perf_counter() - t
+    return ""
+
+
+def _sample(opts: DemoOptions, out: Path, tokenizer: str, res: int) -> dict:
+    """Class-conditional samples (``<out>/samples.png`` + npz) scored for class colour, beside the
+    same statistic on real images at the same resolution."""
+    from vtok.data.synthetic import NUM_CLASSES, render_sample
+    from vtok.eval.sample import SampleOptions, run_sample
+
+    sampled = run_sample(str(out / "generator"), tokenizer, str(out),
                          SampleOptions(guidance=opts.guidance, seed=opts.seed, batch_size=48),
                          per_class=opts.per_class, npz=True)
     with np.load(sampled["npz"]) as z:
@@ -123,18 +190,7 @@ def run_demo(opts: DemoOptions) -> dict:
     real = [render_sample(i, res, seed=opts.seed + 1) for i in range(len(labels))]
     real_images = np.stack([np.asarray(img) for img, _, _ in real])
     real_labels = np.array([c for _, c, _ in real])
-    report["samples"] = {"num_images": len(images), "grid": sampled["grid"], "guidance": opts.guidance,
-                         "class_colour_match": class_faithfulness(images, labels),
-                         "real_colour_match": class_faithfulness(real_images, real_labels),
-                         "chance": 1 / 6, "classes": NUM_CLASSES}
-    timings["sampling"] = time.perf_counter() - t
-    report["seconds"] = timings
-    atomic_write_bytes(out / "demo.json", json.dumps(report, indent=1, default=str).encode())
-    s = report["samples"]
-    print(f"\nclass faithfulness: {s['class_colour_match']:.0%} of samples have their class's colour "
-          f"(real images {s['real_colour_match']:.0%}, chance 17%)")
-    print(f"stage times: {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")
-    print(f"pictures: {out / 'samples.png'} (one row per class), {out / 'recon_grid.png'} "
-          f"(originals above reconstructions), {out / 'runs/generator/samples'}/ (samples during "
-          f"training); metrics: {out / 'demo.json'}")
-    return report
+    return {"num_images": len(images), "grid": sampled["grid"], "guidance": opts.guidance,
+            "class_colour_match": class_faithfulness(images, labels),
+            "real_colour_match": class_faithfulness(real_images, real_labels),
+            "chance": 1 / 6, "classes": NUM_CLASSES}

@@ -3,7 +3,7 @@
 A *schema sample* is a dict with ``__key__`` and any of :data:`FIELDS`::
 
     {"__key__": "000042", "image": b"\\xff\\xd8...", "cls": 3, "caption": "a red circle",
-     "text_emb": float16 [L, D], "text_mask": bool [L], "codes": int16/int32 [...],
+     "text_emb": float16 [L, D], "text_mask": bool [L], "codes": int16/int32 [...] (discrete) or float16 [...] (continuous tokens),
      "latents": float16 [C, h, w], "latents_std": float16 [C, h, w],
      "json": {"path": "/data/raw/img042.jpg"}}
 

@@ -168,6 +168,13 @@ def _stack(values: list) -> torch.Tensor:
     return torch.stack(values)
 
 
+def _codes(values: list[torch.Tensor]) -> torch.Tensor:
+    """Discrete codes (int16 / int32 on disk) -> int64, ready for embeddings; continuous tokens
+    (float16 on disk, e.g. TexTok's (n, dim)) -> float32. (B, *token_shape)"""
+    batch = torch.stack(values)
+    return batch.float() if batch.is_floating_point() else batch.long()
+
+
 def _images(values: list[torch.Tensor]) -> torch.Tensor:
     """(H, W, 3) uint8 each -> (B, 3, H, W) float in [-1, 1], stored channels-last (NHWC).
 
@@ -183,7 +190,7 @@ COLLATE: dict[str, Callable[[list], Any]] = {
     "caption": list,  # list[str]
     "text_emb": _stack,  # (B, L, D), dtype as stored (float16)
     "text_mask": _stack,  # (B, L) bool
-    "codes": lambda v: torch.stack(v).long(),  # (B, *token_shape) int64, ready for embeddings
+    "codes": _codes,  # (B, *token_shape): int64 (discrete) or float32 (continuous tokens)
     "latents": lambda v: torch.stack(v).float(),  # (B, C, h, w) [or (B, 2, C, h, w) with flip] float32
     "latents_std": lambda v: torch.stack(v).float(),  # like latents: the posterior std, same scale
     "json": list,  # list[dict]: per-sample metadata (e.g. the source path from make_shards)

@@ -5,7 +5,7 @@ the model, the local weights file and which feature to return.
     feats = encoder(images)            # (B, 3, H, W) in [-1, 1] -> (B, C), frozen, no grad
 
 Families register a loader with ``@register_pretrained("kind")``; today CLIP (open_clip) and DINOv2
-(timm) image encoders (``vtok.models.teachers``). Weights always come from a local path (no hub).
+(timm) image encoders (``vtok.models.teachers``); DINOv2 also gives patch tokens (REPA targets). Weights always come from a local path (no hub).
 """
 from __future__ import annotations
 
@@ -24,14 +24,16 @@ FEATURES = ("cls", "embedding", "tokens")
 class PretrainedSpec:
     """A frozen pretrained encoder: ``kind`` (a registered family), ``model`` (its model name),
     ``weights`` (local file), ``feature`` ("cls": the pooled CLS feature before any projection,
-    "embedding": CLIP's projected embedding, "tokens": per-patch features), ``tag`` (open_clip's
-    pretrained tag of the file, which fixes mean/std and QuickGELU, e.g. "openai")."""
+    "embedding": CLIP's projected embedding, "tokens": per-patch features (B, N, D); DINOv2 only),
+    ``tag`` (open_clip's pretrained tag of the file, which fixes mean/std and QuickGELU, e.g.
+    "openai"), ``image_size`` (DINOv2's input side; position embeddings are resampled to it)."""
 
     kind: str = "clip"
     model: str = "ViT-L-14"
     weights: str = ""
     feature: str = "cls"
     tag: str = ""
+    image_size: int = 0  # the encoder's input size (0 = its default; DINOv2: 224); dinov2 only
 
 
 PRETRAINED: dict[str, Callable[[PretrainedSpec], nn.Module]] = {}
@@ -75,9 +77,10 @@ def _clip(spec: PretrainedSpec) -> nn.Module:
 def _dinov2(spec: PretrainedSpec) -> nn.Module:
     from vtok.models import teachers
 
-    if spec.feature != "cls":
-        raise _unsupported(spec, "model.teachers", ("cls",))
-    return teachers.load_dinov2_teacher(spec.model, spec.weights)
+    if spec.feature not in ("cls", "tokens"):
+        raise _unsupported(spec, "model.teachers", ("cls", "tokens"))
+    size = {"img_size": spec.image_size} if spec.image_size else {}
+    return teachers.load_dinov2_teacher(spec.model, spec.weights, feature=spec.feature, **size)
 
 
 __all__ = ["FEATURES", "PRETRAINED", "PretrainedSpec", "build_pretrained", "register_pretrained"]

@@ -15,35 +15,45 @@ class WeightsError(RecipeError):
     """A weights file that does not fit its module; the message is one line naming the file."""
 
 
-def _names(keys: list[str]) -> str:
+def key_names(keys: list[str]) -> str:
+    """The first ``SHOW`` names of ``keys``, quoted, with "..." when there are more."""
     shown = ", ".join(f"'{k}'" for k in keys[:SHOW])
     return shown + (", ..." if len(keys) > SHOW else "")
 
 
-def state_dict_mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
-    """'' when ``state`` fits ``module`` key for key and shape for shape, else one line: how many keys
-    are missing / unexpected (and the first names), and the first shape mismatch with both shapes.
-    BatchNorm ``num_batches_tracked`` counters may be absent (older checkpoints lack them)."""
-    if not isinstance(state, dict):
-        return f"expected a state dict of tensors, got {type(state).__name__}"
-    want = module.state_dict()
-    missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
+def shape_mismatch(state: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], *,
+                   extra: str = "unexpected keys", other: str = "model",
+                   optional: tuple[str, ...] = ()) -> str:
+    """'' when ``state`` has exactly the keys of ``want`` (name -> shape) with those shapes, else one
+    line: how many keys are missing / extra (called ``extra``) / not tensors (and the first names), and
+    the first shape mismatch with both shapes (``other`` names the side ``want`` describes). Keys
+    ending in one of ``optional`` may be absent."""
+    missing = [k for k in want if k not in state and not k.endswith(optional or ("\0",))]
     unexpected = [k for k in state if k not in want]
     not_tensors = [k for k in state if k in want and not torch.is_tensor(state[k])]
-    wrong = [k for k in want if k in state and k not in not_tensors
-             and tuple(state[k].shape) != tuple(want[k].shape)]
+    wrong = [k for k in want if k in state and k not in not_tensors and tuple(state[k].shape) != tuple(want[k])]
     parts = []
-    if missing:
-        parts.append(f"missing keys: {len(missing)} ({_names(missing)})")
     if unexpected:
-        parts.append(f"unexpected keys: {len(unexpected)} ({_names(unexpected)})")
+        parts.append(f"{extra}: {len(unexpected)} ({key_names(unexpected)})")
+    if missing:
+        parts.append(f"missing keys: {len(missing)} ({key_names(missing)})")
     if not_tensors:
-        parts.append(f"not tensors: {len(not_tensors)} ({_names(not_tensors)})")
+        parts.append(f"not tensors: {len(not_tensors)} ({key_names(not_tensors)})")
     if wrong:
         k = wrong[0]
-        parts.append(f"shape mismatches: {len(wrong)} (first '{k}': file {tuple(state[k].shape)}, "
-                     f"model {tuple(want[k].shape)})")
+        parts.append(f"mis-shaped keys: {len(wrong)} (first '{k}': file {tuple(state[k].shape)}, "
+                     f"{other} {tuple(want[k])})")
     return "; ".join(parts)
+
+
+def state_dict_mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """'' when ``state`` fits ``module`` key for key and shape for shape, else one line (see
+    :func:`shape_mismatch`). BatchNorm ``num_batches_tracked`` counters may be absent (older
+    checkpoints lack them)."""
+    if not isinstance(state, dict):
+        return f"expected a state dict of tensors, got {type(state).__name__}"
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return shape_mismatch(state, want, optional=("num_batches_tracked",))
 
 
 def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -9,6 +9,13 @@ What the DiT models is read from the data, never from a tokenizer import:
 * otherwise ``image``: the "latent" is the image itself, (3, R, R) in [-1, 1] at ``data.resolution``,
   so a tiny DiT learns the synthetic shapes without any autoencoder.
 
+REPA (``model.repa_depth`` > 0): the DiT's projector after that block predicts frozen DINOv2 patch
+tokens of the sample's image (``vtok.models.pretrained``, ``feature="tokens"``), -cosine x
+``repa_weight``; the teacher runs at the DiT's grid x 14 px so tokens match one to one.
+
+Every random draw of a step (mirror pick, class dropout, t, noise) comes from ``KeyedDraws``: keyed by
+sample and step, so 2 ranks x B/2 follow exactly the trajectory of 1 process x B.
+
 Objective (``model.objective``): ``flow`` (rectified flow, logit-normal t, velocity target; see
 ``vtok.models.diffusion``) or ``ddpm`` (DiT's: 1000 linear steps, epsilon + learned sigma, hybrid
 loss). The export records the diffusion settings, so ``vtok sample`` draws with the same process.
@@ -17,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,10 +32,13 @@ import torch
 
 from vtok.config import RecipeError
 from vtok.data.shards import read_shard_meta
+from vtok.losses.alignment import build_repa_teacher, cosine_alignment, tokens_on_grid
 from vtok.models.api import Condition, TokenSpec
 from vtok.models.diffusion import GaussianDiffusion, Guidance, RectifiedFlow
 from vtok.models.generators.dit import DiT
+from vtok.models.pretrained import PretrainedSpec
 from vtok.models.registry import MODELS, build_model
+from vtok.train.keyed_rng import KeyedDraws
 from vtok.train.task import TrainTask, register_task
 
 log = logging.getLogger("vtok.train")
@@ -150,6 +160,14 @@ class DiTTask(TrainTask):
         eval_guidance: float = 4.0
         eval_steps: int = 50
         eval_solver: str = "euler"
+        # REPA (Yu et al. 2025): a projector after block repa_depth predicts the frozen DINOv2 patch
+        # tokens of the image (-cosine, x repa_weight). The REPA paper: block 8 of SiT-XL/2, DINOv2-B
+        # (768-d) at 224 px, weight 0.5. 0 = off. Spatial tokens only; latents need `image` in data.fields.
+        repa_depth: int = 0
+        repa_dim: int = 768  # the teacher's width (DINOv2-S 384, B 768, L 1024)
+        repa_weight: float = 0.5
+        repa_teacher: PretrainedSpec = field(default_factory=lambda: PretrainedSpec(
+            kind="dinov2", model="vit_base_patch14_dinov2", feature="tokens"))  # image_size 0: the DiT grid x 14
 
     @classmethod
     def build_export(cls, cfg: "DiTTask.Config", recipe) -> torch.nn.Module:
@@ -170,8 +188,12 @@ class DiTTask(TrainTask):
             mode["patch_size"] = patch
         else:
             mode = dict(token_mode="1d", in_channels=spec.shape[-1], input_size=spec.shape[0], patch_size=1)
+        repa = dict(repa_depth=cfg.repa_depth, repa_dim=cfg.repa_dim) if cfg.repa_depth else dict(repa_depth=0)
+        if cfg.repa_depth and mode["token_mode"] != "2d":
+            raise RecipeError("model.repa_depth: REPA aligns spatial patches with DINOv2's; these 1D tokens "
+                              "have no patch grid (set model.repa_depth=0)")
         return build_model(cfg.arch, **mode, **sizes, num_classes=cfg.num_classes, condition="class",
-                           class_dropout=cfg.class_dropout, learn_sigma=cfg.objective == "ddpm", repa_depth=0)
+                           class_dropout=cfg.class_dropout, learn_sigma=cfg.objective == "ddpm", **repa)
 
     def __init__(self, cfg: "DiTTask.Config", recipe):
         self.cfg = cfg
@@ -189,24 +211,64 @@ class DiTTask(TrainTask):
         self.optimizers = {"main": ["dit"]}
         self.ema_modules = ("dit",)
         self._params = sum(p.numel() for p in model.parameters())
+        self.seed = int(recipe.seed)
+        self.frozen = {}
+        self._features: torch.Tensor | None = None  # REPA features of the last forward
+        if cfg.repa_depth:
+            self.frozen["repa_teacher"] = self._build_repa_teacher(cfg, recipe, model)
+
+    @staticmethod
+    def _build_repa_teacher(cfg: "DiTTask.Config", recipe, model: DiT) -> torch.nn.Module:
+        """The frozen DINOv2 whose patch tokens REPA predicts; by default at the DiT's grid x 14 px,
+        so teacher and DiT tokens match one to one (REPA: 224 px for a 16 x 16 grid)."""
+        source = find_source(recipe, cfg.source_meta)["source"]
+        if source == "latents" and (recipe.data.crop != "center" or recipe.data.hflip):
+            raise RecipeError("model.repa_depth with latents: the teacher's image must be the crop the latents "
+                              "were made from; set data.crop=center data.hflip=false (mirrors come from the "
+                              "--flip latents)")
+        return build_repa_teacher(cfg.repa_teacher, grid=model.grid, dim=cfg.repa_dim,
+                                  fields=recipe.data.fields, depth=cfg.repa_depth)
 
     def _net(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """The wrapped DiT as ``net(x_t, t, cond)``: all channels for DDPM (learned sigma), the
         prediction for flow; REPA features dropped."""
         out = self.modules["dit"](x_t, cond, t)
-        out = out[0] if isinstance(out, tuple) else out
+        if isinstance(out, tuple):
+            out, self._features = out
         return out if self.cfg.objective == "ddpm" else out.narrow(self.unwrapped("dit").channel_dim, 0,
                                                                     self.spec.dim)
 
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Diffusion loss (+ REPA). Every random draw (mirror pick, class dropout, t, noise) is keyed
+        by the sample and step (``KeyedDraws``), so 2 ranks x B/2 follow the 1 x B trajectory."""
         x, labels = batch[self.field].float(), batch["cls"]
+        draws = KeyedDraws(batch["__key__"], step, self.seed, x.device)
+        image = batch.get("image") if self.cfg.repa_depth else None
         if x.dim() == len(self.spec.shape) + 2:  # (B, 2, *shape): the image's and its mirror's latents
-            pick = torch.randint(0, x.shape[1], (x.shape[0],), device=x.device)
+            pick = draws.integers(x.shape[1])
             x = x[torch.arange(x.shape[0], device=x.device), pick]
+            if image is not None:
+                image = torch.where(pick.bool()[:, None, None, None], image.flip(-1), image)
         if labels.numel() and int(labels.max()) >= self.cfg.num_classes:
             raise RecipeError(f"class id {int(labels.max())} in the data >= model.num_classes="
                               f"{self.cfg.num_classes}; raise model.num_classes")
-        return self.process.loss(self._net, x, Condition(labels=labels))
+        cond = Condition(labels=labels, extra={"dropout_u": draws.uniform()})
+        if self.cfg.objective == "flow":
+            t = self.process.time_from_normal(draws.normal())
+        else:
+            t = (draws.uniform() * self.cfg.num_timesteps).long().clamp_(max=self.cfg.num_timesteps - 1)
+        loss, metrics = self.process.loss(self._net, x, cond, t=t, noise=draws.normal(x.shape[1:]))
+        if image is not None:
+            repa = cosine_alignment(self._features, self._repa_target(image))
+            loss = loss + self.cfg.repa_weight * repa
+            metrics["repa"] = repa.detach()
+        self._features = None
+        return loss, metrics
+
+    def _repa_target(self, image: torch.Tensor) -> torch.Tensor:
+        """DINOv2 patch tokens (B, num_patches, repa_dim) of images (B, 3, H, W), resampled to the
+        DiT's grid when the teacher's grid differs."""
+        return tokens_on_grid(self.frozen["repa_teacher"](image), self.unwrapped("dit").grid)
 
     @torch.no_grad()
     def evaluate(self, step: int, run_dir: str) -> dict[str, float]:

@@ -66,6 +66,10 @@ class FQGANTask(TrainTask):
         if cfg.rec_loss not in ("l1", "l2"):
             raise RecipeError(f"model.rec_loss={cfg.rec_loss!r} is not 'l1' or 'l2'")
         self.cfg = cfg
+        for t in cfg.teachers:
+            if t.feature == "tokens":
+                raise RecipeError(f"model.teachers[codebook={t.codebook}]: feature=tokens gives per-patch "
+                                  "features; FQGAN aligns global ones: use feature=cls or embedding")
         teachers = {t.codebook: build_pretrained(t) for t in cfg.teachers}  # first: a missing file fails fast
         tokenizer = self.build_export(cfg, recipe)
         heads = {int(i) for i in tokenizer.align_heads}

@@ -45,8 +45,11 @@ class RectifiedFlow:
     def sample_t(self, n: int, device: torch.device | str | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Training times (n,) float32: logit-normal, then shifted."""
-        z = torch.randn(n, device=device, generator=generator)
-        return shift_time(torch.sigmoid(self.loc + self.scale * z), self.shift)
+        return self.time_from_normal(torch.randn(n, device=device, generator=generator))
+
+    def time_from_normal(self, z: torch.Tensor) -> torch.Tensor:
+        """Training times from standard-normal draws z (B,): ``shift(sigmoid(loc + scale z))``."""
+        return shift_time(torch.sigmoid(self.loc + self.scale * z.float()), self.shift)
 
     @staticmethod
     def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

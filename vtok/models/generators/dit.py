@@ -168,11 +168,15 @@ class DiT(nn.Module):
             return Condition(labels=torch.full((batch,), self.null_class, dtype=torch.long, device=device))
         return Condition()
 
-    def _drop(self, b: int, device: torch.device) -> torch.Tensor | None:
-        """(B,) bool: rows replaced by the null condition (training only, w.p. class_dropout)."""
+    def _drop(self, cond: Condition, b: int, device: torch.device) -> torch.Tensor | None:
+        """(B,) bool: rows replaced by the null condition (training only, w.p. class_dropout).
+        ``cond.extra["dropout_u"]`` (B,) uniform [0, 1) draws replace the model's own (keyed
+        per-sample randomness, so multi-rank runs drop the same rows as one process)."""
         if not self.training or self.cfg.class_dropout <= 0:
             return None
-        return torch.rand(b, device=device) < self.cfg.class_dropout
+        u = cond.extra.get("dropout_u")
+        u = torch.rand(b, device=device) if u is None else u.to(device)
+        return u < self.cfg.class_dropout
 
     def _labels(self, cond: Condition, b: int, device: torch.device) -> torch.Tensor:
         """Class embeddings (B, D); missing labels -> the null class."""
@@ -180,7 +184,7 @@ class DiT(nn.Module):
         if labels is None:
             labels = torch.full((b,), self.null_class, dtype=torch.long, device=device)
         labels = labels.long()
-        drop = self._drop(b, device)
+        drop = self._drop(cond, b, device)
         if drop is not None:
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         return self.y_embedder(labels)
@@ -207,7 +211,7 @@ class DiT(nn.Module):
             text, mask = null.text, null.text_mask
         else:
             text, mask = self._pad_caption(cond.text.to(null.text.dtype), cond.text_mask)
-            drop = self._drop(b, device)
+            drop = self._drop(cond, b, device)
             if drop is not None:
                 text = torch.where(drop[:, None, None], null.text, text)
                 mask = mask | drop[:, None]

@@ -54,7 +54,8 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> float32 features (B, feature_dim), detached."""
+        """(B, 3, H, W) in [-1, 1] -> float32 features (B, feature_dim), or (B, N, feature_dim) for a
+        per-token encoder (DINOv2 ``feature="tokens"``), detached."""
         x = self.preprocess(images)
         if x.is_cuda and torch.cuda.is_bf16_supported():
             with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -4,6 +4,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
+from torch import nn
+
 from vtok.models.teachers.base import Teacher, check_weights_file, load_state_dict_safely, unknown_model_error
 from vtok.models.weights import load_state_dict_strict
 
@@ -12,8 +15,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224  # DINOv2's eval resolution (16 x 16 patches of 14 px); timm's default is 518
 
 
-def load_dinov2_teacher(model_name: str, weights_path: str, **overrides: Any) -> Teacher:
-    """A timm DINOv2 model's pooled CLS feature (after the final norm) as a frozen ``Teacher``.
+class PatchTokens(nn.Module):
+    """A timm ViT -> its normalised patch tokens (B, N, D), prefix (CLS / register) tokens dropped:
+    DINOv2's ``x_norm_patchtokens``, the REPA target."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_features(x)[:, self.num_prefix_tokens:]
+
+
+def load_dinov2_teacher(model_name: str, weights_path: str, feature: str = "cls", **overrides: Any) -> Teacher:
+    """A timm DINOv2 model as a frozen ``Teacher``: its pooled CLS feature after the final norm
+    (``feature="cls"``, (B, D)) or its normalised patch tokens (``feature="tokens"``, (B, N, D) with
+    N = (img_size / 14)^2, the REPA target).
 
     ``model_name``: a timm architecture, e.g. "vit_small_patch14_dinov2" (384-d) or
     "vit_base_patch14_dinov2" (768-d). ``weights_path``: a local .safetensors / .pth / .bin
@@ -24,6 +42,8 @@ def load_dinov2_teacher(model_name: str, weights_path: str, **overrides: Any) ->
     """
     import timm
 
+    if feature not in ("cls", "tokens"):
+        raise ValueError(f"DINOv2 teacher feature={feature!r}: expected 'cls' or 'tokens'")
     if not timm.is_model(model_name):
         raise unknown_model_error("DINOv2", model_name, timm.list_models())
     check_weights_file(weights_path, "DINOv2", model_name, "model.teachers[].weights")
@@ -52,4 +72,9 @@ def load_dinov2_teacher(model_name: str, weights_path: str, **overrides: Any) ->
     mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
     std = tuple(cfg.get("std") or IMAGENET_STD)
     feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
-    return Teacher(model, image_size=height, mean=mean, std=std, feature_dim=int(feature_dim))
+    if feature == "tokens":
+        feature_dim = model.num_features
+        model = PatchTokens(model)
+    teacher = Teacher(model, image_size=height, mean=mean, std=std, feature_dim=int(feature_dim))
+    teacher.patch_size = int(patch)
+    return teacher

@@ -1,0 +1,225 @@
+"""Equivalence of ``vtok import`` with the official implementations, on random weights (CPU, tiny).
+
+    python bench/vs_official.py --dit DIT_CHECKOUT [--flextok ML_FLEXTOK_CHECKOUT] [--json OUT]
+
+DiT (facebookresearch/DiT checkout, needs timm): builds the official ``models.DiT`` at dit-tiny's
+size, fills EVERY parameter with random values (the official init zeroes adaLN and the output
+layer, which would make any comparison trivially pass), saves it as a train.py-style checkpoint
+``{"model", "ema", "args"}``, runs ``vtok import dit`` on it (the real command, EMA entry), loads the
+export with ``load_export`` and compares both models' outputs for the same (x_t, t, y): float32,
+eval mode, integer DDPM steps, learned-sigma channels included, the null class included.
+
+FlexTok (apple/ml-flextok checkout; ``mup`` / ``hydra`` stubbed as in tools/official_keys.py): the
+official modules are composed at flextok-tiny's widths but with head dim 64 (the released head dim:
+the official attention scale is 8 / head_dim, muP-style, which equals vtok's 1 / sqrt(head_dim) only
+there), filled with random values, mapped with the importer's ``to_vtok``, and run side by side.
+The official trunk runs its blocks with the SDPA path and a dense boolean mask (its FlexAttention
+``BlockMask`` packing is replaced by the same prefix-LM / full masks); every module holding weights
+is the official one. Compared: the encoder's pre-quantisation register codes, and the decoder's
+velocity for all registers kept (keep_k = R) and for a prefix (keep_k < R, where the two differ by
+design: see vtok.importers.flextok.NOTES). The sinusoidal time features differ by float32 rounding
+(the official code multiplies the frequencies by 1000, vtok the time): the decoder is compared both
+with each side's own features (reported, not required) and with the same features (required).
+
+Prints one line per check and exits 1 when a check that must match (max abs diff < 1e-5) does not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TOL = 1e-5
+
+
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+
+
+def dit_check(checkout: Path, work: Path) -> dict[str, float]:
+    from vtok.cli import main
+    from vtok.models.api import Condition
+    from vtok.models.export import load_export
+
+    sys.path.insert(0, str(checkout))
+    import models  # facebookresearch/DiT
+    sys.path.pop(0)
+    off = models.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                     num_classes=24, learn_sigma=True)
+    randomise(off, 0)
+    ckpt = work / "dit_train.pt"
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in off.state_dict().items()}, "ema": off.state_dict(),
+                "args": argparse.Namespace(model="DiT-tiny")}, ckpt)
+    if main(["import", "dit", str(ckpt), "--out", str(work / "dit_export")]) != 0:
+        raise SystemExit("vtok import dit failed")
+    ours = load_export(work / "dit_export").model.eval()  # float32: DiT's time embedding is float32 only
+    off = off.eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    y = torch.tensor([0, 3, 7, 23, 24, 11])  # 24 = the null class (CFG)
+    with torch.no_grad():
+        a = off(x, t, y)
+        b = ours(x, Condition(labels=y), t)
+    return {"dit forward (x_t, t, y), 8 of 8 output channels": float((a - b).abs().max())}
+
+
+def _stubs() -> None:
+    from tools.official_keys import _stub_hydra, _stub_mup
+
+    _stub_mup()
+    _stub_hydra()
+
+
+def flextok_check(checkout: Path) -> dict[str, float]:
+    from vtok.importers import get_importer
+    from vtok.importers.flextok import M
+    from vtok.models.layers import prefix_lm_mask
+    from vtok.models.layers.adaln import timestep_embedding
+    from vtok.models.registry import build_model
+
+    _stubs()
+    sys.path.insert(0, str(checkout))
+    from flextok.model.postprocessors.heads import LinearHead, ToPatchesLinearHead, expand_emb_from_ps
+    from flextok.model.preprocessors.flex_seq_packing import expand_emb_per_subseq
+    from flextok.model.preprocessors.linear import LinearLayer
+    from flextok.model.preprocessors.patching import PatchEmbedder
+    from flextok.model.preprocessors.registers import Registers1D
+    from flextok.model.preprocessors.time_embedding import TimestepEmbedder
+    from flextok.model.preprocessors.token_dropout import MaskedNestedDropout
+    from flextok.model.trunks.transformers import FlexTransformer
+    from flextok.model.utils.posembs import PositionalEmbeddingAdder
+    sys.path.pop(0)
+
+    d, depth, r, code, c, s, p = 64, 2, 16, 4, 4, 8, 2
+    g = s // p
+    trunk = dict(dim=d, depth=depth, head_dim=64, mlp_ratio=4.0)
+    mods = torch.nn.ModuleDict({
+        "enc_patch": PatchEmbedder(input_tensor_list_read_key="lat", patches_list_write_key="patches",
+                                   n_patches_write_key="n", channels_in=c, dim=d, patch_sizes=[p, p],
+                                   flatten_patches=False),
+        "enc_pos": PositionalEmbeddingAdder(read_key="patches", write_key="patches", dim=d, max_sizes=[g, g]),
+        "enc_reg": Registers1D(input_tensor_list_read_key="patches", register_sizes_read_write_key="rs",
+                               registers_write_key="reg", dim=d, n_min=r, n_max=r),
+        "enc_tf": FlexTransformer(input_seq_read_key="seq", output_seq_write_key="seq", **trunk),
+        "enc_head": LinearHead(read_key="reg", write_key="reg", dim=d, dim_out=code, use_mup_readout=False),
+        "dec_codes": LinearLayer(read_key="q", write_key="q", dim_in=code, dim=d),
+        "dec_regpos": PositionalEmbeddingAdder(read_key="q", write_key="q", dim=d, max_sizes=[r],
+                                               posemb_type="learnable_sum"),
+        "dec_mask": MaskedNestedDropout(read_write_key="q", dim=d),
+        "dec_patch": PatchEmbedder(input_tensor_list_read_key="x", patches_list_write_key="xp",
+                                   n_patches_write_key="n", channels_in=c, dim=d, patch_sizes=[p, p],
+                                   flatten_patches=False),
+        "dec_pos": PositionalEmbeddingAdder(read_key="xp", write_key="xp", dim=d, max_sizes=[g, g]),
+        "dec_time": TimestepEmbedder(timesteps_read_key="t", time_embedding_write_key="temb", dim=d,
+                                     max_timestep=1.0),
+        "dec_tf": FlexTransformer(input_seq_read_key="seq", output_seq_write_key="seq", adaLN_emb_read_key="temb",
+                                  adaLN_packing_fn_read_key="pack", adaLN_expansion=2, **trunk),
+        "dec_head": ToPatchesLinearHead(read_key="xp", write_key="out", dim=d, channels_out=c, patch_sizes=[p, p],
+                                        use_mup_readout=False, adaLN_emb_read_key="temb"),
+    })
+    fixed = {k: v.detach().clone() for k, v in mods.state_dict().items() if k in ("enc_pos.posembs", "dec_pos.posembs")}
+    randomise(mods, 2)
+    mods.load_state_dict({**mods.state_dict(), **fixed})  # the sin-cos tables stay the official formula
+    for m in mods.modules():
+        if hasattr(m, "use_flex_attention"):
+            m.use_flex_attention = False  # SDPA with a dense mask (same math)
+    mods = mods.double().eval()
+    state = {}
+    for short, full in M.items():
+        state.update({f"{full}.{k}": v for k, v in mods[short].state_dict().items()} if short in mods else {})
+    arch, overrides = get_importer("flextok").recognise(state)  # norm_eps: the official 1e-5
+    model = build_model(arch, **overrides, head_dim=64).double().eval()
+    imp = get_importer("flextok")
+    model.load_state_dict(imp.to_vtok(state, model))
+
+    gen = torch.Generator().manual_seed(3)
+    lat = torch.randn(2, c, s, s, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        # official encoder, module by module
+        dd = {"lat": [x[None].permute(0, 2, 3, 1) for x in lat]}
+        dd = mods["enc_pos"](mods["enc_patch"](dd))
+        dd = mods["enc_reg"](dd)
+        outs = []
+        mask = prefix_lm_mask(g * g, g * g + r, "cpu")
+        for patches, regs in zip(dd["patches"], dd["reg"]):
+            x = torch.cat([patches.flatten(1, 2), regs], 1)
+            for blk in mods["enc_tf"].blocks:
+                x = blk(x, block_mask=mask)
+            outs.append(mods["enc_head"].forward_default(x[:, g * g:]))
+        off_codes = torch.cat(outs)
+        our_codes = model.encoder(model.patchify(lat))
+        result = {"flextok encoder pre-quantisation codes": float((off_codes - our_codes).abs().max())}
+
+        codes = torch.rand(2, r, code, generator=gen, dtype=torch.float64) * 2 - 1
+        x_t = torch.randn(2, c, s, s, generator=gen, dtype=torch.float64)
+        t = torch.tensor([0.3, 0.9], dtype=torch.float64)
+        te = mods["dec_time"]
+        own = te.timestep_embedding(t, 256).double()  # official: t * (1000 * freqs), float32
+        shared = timestep_embedding(t.float() * 1000.0, 256, 256).double()  # vtok: (t * 1000) * freqs, float32
+        result["flextok time features: official vs vtok order of float32 products (rounding)"] = float(
+            (own - shared).abs().max())
+        for keep, features, label in ((r, shared, "same time features"), (r, own, "each side's time features"),
+                                      (r // 4, shared, "same time features")):
+            temb_all = te.mlp(features)
+            preds = []
+            for i in range(2):
+                dd = {"q": [codes[i:i + 1]], "x": [x_t[i:i + 1].permute(0, 2, 3, 1)], "eval_keep_k": [keep]}
+                dd = mods["dec_mask"](mods["dec_regpos"](mods["dec_codes"](dd)))
+                dd = mods["dec_pos"](mods["dec_patch"](dd))
+                temb = temb_all[i:i + 1]
+                seq = torch.cat([dd["xp"][0].flatten(1, 2), dd["q"][0]], 1)
+                pack = partial(expand_emb_per_subseq, packed_shapes_list=[[torch.Size([g, g]), torch.Size([r])]])
+                for blk in mods["dec_tf"].blocks:
+                    seq = blk(seq, block_mask=None, adaLN_emb=temb, adaLN_packing_fn=pack)
+                out = mods["dec_head"].forward_adaLN(seq[:, :g * g], temb,
+                                                     partial(expand_emb_from_ps, ps=[torch.Size([g * g])]))
+                out = out.view(1, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(1, c, s, s)
+                preds.append(out)
+            ours = model.velocity(x_t, t, codes, torch.full((2,), keep))[0]
+            if keep < r:
+                key = f"flextok decoder velocity, keep_k={keep} of {r}, {label} (differs by design)"
+            elif features is own:
+                key = f"flextok decoder velocity, keep_k={r} of {r}, {label} (time-feature rounding)"
+            else:
+                key = f"flextok decoder velocity, keep_k={r} of {r}, {label}"
+            result[key] = float((torch.cat(preds) - ours).abs().max())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dit", default="", help="facebookresearch/DiT checkout (default: skip DiT)")
+    ap.add_argument("--flextok", default="", help="apple/ml-flextok checkout (default: skip FlexTok)")
+    ap.add_argument("--json", default="", help="also write the diffs here (default: none)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.dit:
+            results.update(dit_check(Path(args.dit).resolve(), Path(tmp)))
+        if args.flextok:
+            results.update(flextok_check(Path(args.flextok).resolve()))
+    failed = False
+    for name, diff in results.items():
+        must = "by design" not in name and "rounding" not in name
+        ok = diff < TOL
+        failed |= must and not ok
+        print(f"{name}: max abs diff {diff:.3e} ({'ok' if ok else 'DIFFERS' if must else 'expected'})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

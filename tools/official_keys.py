@@ -1,0 +1,196 @@
+"""Write tests/fixtures/official_keys/{dit_tiny,flextok_tiny}.json: the official state-dict key names
+and shapes at the tiny sizes of vtok's ``dit-tiny`` and ``flextok-tiny`` registry entries, read from
+the official model classes (instantiated on CPU from a checkout; nothing is downloaded).
+
+    python tools/official_keys.py --dit DIT_CHECKOUT --flextok ML_FLEXTOK_CHECKOUT [--out DIR]
+
+DIT_CHECKOUT: a facebookresearch/DiT checkout (needs timm); its ``models.DiT`` is built with
+depth 2, width 64, 4 heads, patch 2, 8x8x4 latents, 24 classes, learned sigma.
+
+ML_FLEXTOK_CHECKOUT: an apple/ml-flextok checkout (the directory holding the ``flextok`` package).
+The released models are composed from hydra configs kept in the HF repos, which are not in the code
+repository; this script composes the same classes directly, with the module names the official
+wrapper indexes (enc_register_module, dec_nested_dropout) and, for the others, the names quoted
+from the released config by public forks (see vtok/importers/flextok.py). Only modules holding
+weights are built (packers, unpackers and channel moves have none). ``mup`` (muP initialisation
+only) and ``hydra`` (config loading) are replaced by stubs when not installed. The bundled
+VAE (``vae.*``) is not listed: the importer leaves it out. Settings: encoder and decoder depth 2,
+width 64, head dim 32, mlp_ratio 4 (GatedMlp takes int(2/3 x 4D) = int(8D/3) hidden units), 16
+registers, FSQ dim 4, 2x2 patches of 8x8x4 latents; decoder blocks with adaLN_expansion 2
+(patches / registers); decoder register positions as a learned 1D PositionalEmbeddingAdder (the
+type is assumed).
+
+Each fixture also records the checkout's commit when it is a git checkout, and the FlexTok one the
+largest difference between the official sin-cos tables and vtok's reimplementation of their formula
+(``vtok.importers.flextok.official_sincos``), which must be 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+DIT_TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                num_classes=24, learn_sigma=True)
+FLEXTOK_TINY = dict(width=64, depth=2, head_dim=32, registers=16, code_dim=4, channels=4, latent=8, patch=2)
+
+
+def commit_of(path: Path, given: str = "") -> str:
+    """The checkout's git commit (``given`` wins: for a ``git archive`` export, which has no .git)."""
+    if given:
+        return given
+    try:
+        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def shapes(module: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def dit_keys(checkout: Path, commit: str = "") -> dict:
+    sys.path.insert(0, str(checkout))
+    try:
+        import models  # facebookresearch/DiT models.py
+    finally:
+        sys.path.pop(0)
+    model = models.DiT(**DIT_TINY)
+    return {"source": "facebookresearch/DiT models.py (class DiT)", "commit": commit_of(checkout, commit),
+            "official_config": DIT_TINY, "vtok_arch": "dit-tiny", "keys": shapes(model)}
+
+
+def _stub_mup() -> None:
+    try:
+        import mup  # noqa: F401
+        return
+    except ImportError:
+        pass
+    mup = types.ModuleType("mup")
+    layer = types.ModuleType("mup.layer")
+    init = types.ModuleType("mup.init")
+
+    class MuReadout(nn.Linear):  # same parameters as the real one; only its forward scaling differs
+        def __init__(self, *args, readout_zero_init=False, output_mult=1.0, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    layer.MuReadout = MuReadout
+    init.xavier_uniform_, init.trunc_normal_, init.normal_ = (nn.init.xavier_uniform_, nn.init.trunc_normal_,
+                                                              nn.init.normal_)
+    mup.layer, mup.init = layer, init
+    sys.modules.update({"mup": mup, "mup.layer": layer, "mup.init": init})
+
+
+def _stub_hydra() -> None:
+    """flextok.utils imports hydra's ``instantiate`` (for loading configs, unused here)."""
+    try:
+        import hydra.utils  # noqa: F401
+        return
+    except ImportError:
+        pass
+    hydra, utils = types.ModuleType("hydra"), types.ModuleType("hydra.utils")
+
+    def instantiate(*args, **kwargs):
+        raise RuntimeError("hydra is stubbed by tools/official_keys.py")
+
+    utils.instantiate, hydra.utils = instantiate, utils
+    sys.modules.update({"hydra": hydra, "hydra.utils": utils})
+
+
+def flextok_keys(checkout: Path, commit: str = "") -> dict:
+    _stub_mup()
+    _stub_hydra()
+    sys.path.insert(0, str(checkout))
+    try:
+        from flextok.model.postprocessors.heads import LinearHead, ToPatchesLinearHead
+        from flextok.model.preprocessors.linear import LinearLayer
+        from flextok.model.preprocessors.patching import PatchEmbedder
+        from flextok.model.preprocessors.registers import Registers1D
+        from flextok.model.preprocessors.time_embedding import TimestepEmbedder
+        from flextok.model.preprocessors.token_dropout import MaskedNestedDropout
+        from flextok.model.trunks.transformers import FlexTransformer
+        from flextok.model.utils.posembs import PositionalEmbeddingAdder
+        from flextok.model.utils.wrappers import SequentialModuleDictWrapper
+    finally:
+        sys.path.pop(0)
+    t = FLEXTOK_TINY
+    d, g, p, c = t["width"], t["latent"] // t["patch"], t["patch"], t["channels"]
+    trunk = dict(dim=d, depth=t["depth"], head_dim=t["head_dim"], mlp_ratio=4.0)
+    encoder = SequentialModuleDictWrapper({
+        "enc_patch_emb": PatchEmbedder(input_tensor_list_read_key="lat", patches_list_write_key="patches",
+                                       n_patches_write_key="n", channels_in=c, dim=d, patch_sizes=[p, p],
+                                   flatten_patches=False),
+        "enc_posemb_module": PositionalEmbeddingAdder(read_key="patches", write_key="patches", dim=d,
+                                                      max_sizes=[g, g], posemb_type="sincos"),
+        "enc_register_module": Registers1D(input_tensor_list_read_key="patches", register_sizes_read_write_key="rs",
+                                           registers_write_key="reg", dim=d, n_min=t["registers"],
+                                           n_max=t["registers"]),
+        "enc_transformer": FlexTransformer(input_seq_read_key="seq", output_seq_write_key="seq",
+                                           block_mask_read_key="mask", **trunk),
+        "enc_to_latents": LinearHead(read_key="reg", write_key="reg", dim=d, dim_out=t["code_dim"],
+                                     use_mup_readout=False),
+    })
+    decoder = SequentialModuleDictWrapper({
+        "dec_from_latents": LinearLayer(read_key="q", write_key="q", dim_in=t["code_dim"], dim=d),
+        "dec_registers_posemb_module": PositionalEmbeddingAdder(read_key="q", write_key="q", dim=d,
+                                                                max_sizes=[t["registers"]],
+                                                                posemb_type="learnable_sum"),
+        "dec_nested_dropout": MaskedNestedDropout(read_write_key="q", dim=d),
+        "dec_noise_patch_emb": PatchEmbedder(input_tensor_list_read_key="x", patches_list_write_key="patches",
+                                             n_patches_write_key="n", channels_in=c, dim=d, patch_sizes=[p, p],
+                                   flatten_patches=False),
+        "dec_patches_posemb_module": PositionalEmbeddingAdder(read_key="patches", write_key="patches", dim=d,
+                                                              max_sizes=[g, g], posemb_type="sincos"),
+        "dec_time_embedder": TimestepEmbedder(timesteps_read_key="t", time_embedding_write_key="temb", dim=d),
+        "dec_transformer": FlexTransformer(input_seq_read_key="seq", output_seq_write_key="seq",
+                                           block_mask_read_key="mask", adaLN_emb_read_key="temb",
+                                           adaLN_packing_fn_read_key="pack", adaLN_expansion=2, **trunk),
+        "dec_to_patches": ToPatchesLinearHead(read_key="patches", write_key="out", dim=d, channels_out=c,
+                                              patch_sizes=[p, p], use_mup_readout=False,
+                                              adaLN_emb_read_key="temb"),
+    })
+    whole = nn.Module()
+    whole.encoder, whole.decoder = encoder, decoder
+    from vtok.importers.flextok import official_sincos
+
+    state = whole.state_dict()
+    sincos_diff = max(float((state[k].float() - official_sincos(d, g, g)).abs().max())
+                      for k in state if k.endswith("posemb_module.posembs") and "registers" not in k)
+    return {"source": "apple/ml-flextok flextok/model (classes composed as the released config; module "
+                      "names partly assumed, see tools/official_keys.py)",
+            "commit": commit_of(checkout, commit), "official_config": t, "vtok_arch": "flextok-tiny",
+            "sincos_max_diff_vs_vtok_formula": sincos_diff, "keys": shapes(whole)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dit", default="", help="facebookresearch/DiT checkout (default: skip DiT)")
+    ap.add_argument("--flextok", default="", help="apple/ml-flextok checkout (default: skip FlexTok)")
+    ap.add_argument("--dit-commit", default="", help="commit of --dit when it is not a git checkout "
+                    "(default: ask git)")
+    ap.add_argument("--flextok-commit", default="", help="commit of --flextok when it is not a git checkout "
+                    "(default: ask git)")
+    ap.add_argument("--out", default=str(ROOT / "tests/fixtures/official_keys"), help="fixture directory")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    for name, checkout, commit, fn in (("dit_tiny", args.dit, args.dit_commit, dit_keys),
+                                       ("flextok_tiny", args.flextok, args.flextok_commit, flextok_keys)):
+        if not checkout:
+            continue
+        data = fn(Path(checkout).resolve(), commit)
+        (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+        print(f"{out / name}.json: {len(data['keys'])} keys")
+
+
+if __name__ == "__main__":
+    main()
