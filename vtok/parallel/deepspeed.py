@@ -58,7 +58,7 @@ class DeepSpeedStrategy(Strategy):
                 apply_activation_checkpointing(module)
             if compile:
                 module.compile()
-            opt = build_adamw([module], optim_cfgs[opt_name])
+            opt = build_adamw([module], optim_cfgs[opt_name], fused=False)  # DeepSpeed steps its own partitions
             engine, ds_opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=config,
                                                         dist_init_required=False)
             self.engines[opt_name] = engine

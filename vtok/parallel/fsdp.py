@@ -81,12 +81,15 @@ class FSDP2Strategy(Strategy):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+        from vtok.train.optim import keep_kernel
+
         state = self._state(extra)
         dcp.load(state, checkpoint_id=str(path / "dcp"))  # in place, resharded to this world size
         for n, m in self.raw.items():
             set_model_state_dict(m, state[f"model.{n}"])
         for name, opt in self.optimizers.items():
             set_optimizer_state_dict(self._group(name), opt, state[f"optim.{name}"])
+            keep_kernel(opt)
 
     def export_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

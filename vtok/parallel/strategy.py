@@ -205,11 +205,14 @@ class Strategy:
         """Inverse of ``save``: every rank reads the same files (safetensors / weights_only)."""
         from safetensors.torch import load_model
 
+        from vtok.train.optim import keep_kernel
+
         for name, module in self.raw.items():
             load_model(module, str(path / f"model-{name}.safetensors"), device=str(self.info.device))
         for name, opt in self.optimizers.items():
             file, device = path / f"optim-{name}.pt", self.info.device
             opt.load_state_dict(torch.load(file, map_location=device, weights_only=True))
+            keep_kernel(opt)
         self.load_extra(path, extra)
 
     def save_extra(self, path: Path, extra: dict[str, dict[str, torch.Tensor]]) -> None:
