@@ -33,15 +33,15 @@ def shape_mismatch(state: dict[str, torch.Tensor], want: dict[str, tuple[int, ..
     not_tensors = [k for k in state if k in want and not torch.is_tensor(state[k])]
     wrong = [k for k in want if k in state and k not in not_tensors and tuple(state[k].shape) != tuple(want[k])]
     parts = []
-    if unexpected:
-        parts.append(f"{extra}: {len(unexpected)} ({key_names(unexpected)})")
     if missing:
         parts.append(f"missing keys: {len(missing)} ({key_names(missing)})")
+    if unexpected:
+        parts.append(f"{extra}: {len(unexpected)} ({key_names(unexpected)})")
     if not_tensors:
         parts.append(f"not tensors: {len(not_tensors)} ({key_names(not_tensors)})")
     if wrong:
         k = wrong[0]
-        parts.append(f"mis-shaped keys: {len(wrong)} (first '{k}': file {tuple(state[k].shape)}, "
+        parts.append(f"shape mismatches: {len(wrong)} (first '{k}': file {tuple(state[k].shape)}, "
                      f"{other} {tuple(want[k])})")
     return "; ".join(parts)
 
