@@ -153,12 +153,57 @@ def test_dit_trains_on_continuous_1d_codes(tmp_path):
     finalize(tmp_path / "codes", "wds", extra={"job": "codes"})
     (tmp_path / "codes" / "codes.json").write_text(json.dumps({"token_spec": spec.to_dict(), "flip": True}))
 
-    rec = recipe(tmp_path / "codes", tmp_path / "run", "data.fields=[codes,cls]", "train.steps=40",
-                 "train.log_every=1", "model.depth=2", "model.num_classes=4", "data.batch_size=16")
+    rec = recipe(tmp_path / "codes", tmp_path / "run", "data.fields=[codes,cls]", "train.steps=200",
+                 "train.optim.main.warmup_steps=5", "train.log_every=1", "model.depth=2", "model.num_classes=4",
+                 "data.batch_size=16")
     batch = next(iter(build_loader(rec.data, rank=0, world_size=1, seed=0)))
     assert batch["codes"].dtype == torch.float32 and batch["codes"].shape == (16, 2, 8, 4)
     trainer = Trainer(rec)
     assert trainer.task.unwrapped("dit").token_spec.shape == (8, 4)
     trainer.fit()
     losses = [m["main/loss"] for m in read_metrics(tmp_path / "run") if "main/loss" in m]
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    # Measured: flow loss 1.99 over the first 5 steps -> 0.85 over the last 5 (ratio 0.43; 0.63 at 120 steps)
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_text_conditional_dit_trains_on_t5_embeddings_and_draws_grids(tmp_path):
+    """DiT-T2I in the task: `model.condition=text` reads the shards' text_emb / text_mask (sized from
+    text-emb.json), drops captions to the learned null caption, and draws sample grids for the first
+    captions it trained on."""
+    import json
+
+    from vtok.data.synthetic import encode_image, render_sample
+    from vtok.data.writers import finalize, write_shard
+
+    length, width = 6, 16
+    vocab: dict[str, int] = {}
+    table = torch.randn(64, width, generator=torch.Generator().manual_seed(0))
+    samples = []
+    for i in range(64):
+        img, cls, caption = render_sample(i, 32, seed=3)
+        ids = [vocab.setdefault(w, len(vocab)) for w in caption.split()][:length]
+        emb = torch.zeros(length, width)
+        emb[:len(ids)] = table[ids]
+        samples.append({"__key__": f"{i:05d}", "image": encode_image(img, "png"), "cls": cls,
+                        "text_emb": emb.half().numpy(),
+                        "text_mask": np.arange(length) < len(ids)})
+    for shard in range(2):
+        write_shard(tmp_path / "t2i", "wds", shard, samples[shard * 32:(shard + 1) * 32])
+    finalize(tmp_path / "t2i", "wds")
+    (tmp_path / "t2i" / "text-emb.json").write_text(json.dumps({"shape": [length, width], "d_model": width}))
+
+    rec = recipe(tmp_path / "t2i", tmp_path / "run", "data.fields=[image,text_emb,text_mask]",
+                 "model.condition=text", "model.depth=2", "train.steps=30", "train.log_every=1",
+                 "train.eval_every=30", "model.eval_classes=3", "model.eval_per_class=2", "model.eval_steps=4")
+    trainer = Trainer(rec)
+    dit = trainer.task.unwrapped("dit")
+    assert dit.cfg.condition == "text" and (dit.cfg.text_len, dit.cfg.text_dim) == (length, width)
+    trainer.fit()
+    losses = [m["main/loss"] for m in read_metrics(tmp_path / "run") if "main/loss" in m]
+    # Measured: flow loss 1.56 over the first 5 steps -> 0.94 over the last 5 (ratio 0.60)
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
+    assert (tmp_path / "run" / "samples" / "step_000000030.png").is_file()
+    trainer.export(tmp_path / "gen")
+    assert load_export(tmp_path / "gen", "generator").token_spec.condition == "text"
+    with pytest.raises(RecipeError, match=r"add \['text_emb', 'text_mask'\] to data.fields"):
+        Trainer(recipe(tmp_path / "t2i", tmp_path / "b", "model.condition=text"))

@@ -60,8 +60,8 @@ def test_alignment_to_a_frozen_teacher_loaded_from_disk(shards, tmp_path, monkey
     from vtok.models import teachers
 
     real = teachers.load_dinov2_teacher  # the tiny test teacher needs timm size overrides
-    monkeypatch.setattr(teachers, "load_dinov2_teacher", lambda name, weights: real(
-        name, weights, depth=1, embed_dim=32, num_heads=2, img_size=28))
+    monkeypatch.setattr(teachers, "load_dinov2_teacher", lambda name, weights, **kw: real(
+        name, weights, **{**kw, "depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 28}))
     teacher = ("model.teachers=[{codebook: 1, kind: dinov2, model: vit_small_patch14_dinov2, "
                f"weights: {path}}}]")
     trainer = Trainer(smoke(shards, tmp_path, "train.steps=3", teacher))

@@ -31,12 +31,25 @@ def test_two_nodes_rendezvous_from_slurm_env(shards, tmp_path):
     Path(recipe).write_text(recipe_text)
     env = {**os.environ, "PATH": f"{fake_slurm_bin(tmp_path)}:{os.environ['PATH']}",
            "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242",
-           "VTOK_NPROC_PER_NODE": "1", "VTOK_RDZV_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+           "VTOK_NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"}
     cmd = ["bash", str(LAUNCH), str(ROOT / "tests" / "train_entry.py"), "train", recipe,
            "parallel.strategy=ddp", "data.batch_size=4"]
-    nodes = [subprocess.Popen(cmd, env={**env, "SLURM_NODEID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [n.communicate(timeout=300) for n in nodes]
+    # About 10 s alone. Once in a full-suite run the two "nodes" hung in the rendezvous for 300 s (a
+    # race for the free port, not reproduced alone): a hung attempt is killed and retried once on a
+    # fresh port, so the test still fails on a launcher that never rendezvouses.
+    for attempt in range(2):
+        port = {"VTOK_RDZV_PORT": str(free_port()), "SLURM_JOB_ID": f"{4242 + attempt}"}
+        nodes = [subprocess.Popen(cmd, env={**env, **port, "SLURM_NODEID": str(i)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True) for i in range(2)]
+        try:
+            outs = [n.communicate(timeout=120) for n in nodes]
+            break
+        except subprocess.TimeoutExpired:
+            for n in nodes:
+                os.killpg(n.pid, 9)
+                n.communicate()
+            if attempt:
+                raise
     for node, (out, err) in zip(nodes, outs):
         assert node.returncode == 0, err[-3000:]
     assert "node 0/2" in outs[0][1] and "node 1/2" in outs[1][1]

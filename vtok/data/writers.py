@@ -144,6 +144,7 @@ def write_shard(out_dir: str | Path, fmt: str, index: int, samples: Iterable[dic
     """Write one shard atomically; returns its number of samples."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown shard format {fmt!r}; use one of {FORMATS}")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     final = Path(out_dir) / shard_name(fmt, index, prefix)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.is_dir():

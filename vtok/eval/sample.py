@@ -140,6 +140,9 @@ def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOpt
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     export = load_export(generator_dir, "generator", device)
     generator = export.model
+    if isinstance(generator, DiT) and generator.cfg.condition == "text":
+        raise EvalError(f"{generator_dir} is a text-conditional DiT: vtok sample draws class-conditional "
+                        "samples only (captions -> T5 -> samples comes with the TexTok task)")
     labels = class_labels(generator.cfg.num_classes, classes, per_class)
     start = time.perf_counter()
     if isinstance(generator, DiT):

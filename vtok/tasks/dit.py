@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,17 +106,25 @@ def make_decoder(meta: dict[str, Any], tokenizer_dir: str = "", device: torch.de
     return lambda z: tokenizer.decode(z.to(device)).float()
 
 
+def text_shape(recipe: Any, explicit: str = "") -> tuple[int, int]:
+    """(L, D) of the shards' T5 embeddings, from the ``text-emb.json`` of ``vtok precompute text-emb``."""
+    _, meta = read_shard_meta(recipe.data.train_shards, "text-emb.json", "text-emb", "model.text_meta", explicit)
+    length, width = (int(v) for v in meta["shape"][-2:])
+    return length, width
+
+
 @torch.no_grad()
-def sample_dit(model: DiT, labels: torch.Tensor, diffusion: dict[str, Any], *, steps: int = 50,
+def sample_dit(model: DiT, cond: Condition | torch.Tensor, diffusion: dict[str, Any], *, steps: int = 50,
                solver: str = "euler", guidance: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
                apg: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw (B, *token_shape) samples for class ``labels`` (B,) with the process the DiT was trained
-    with (``diffusion``: the export's settings): flow -> Euler / Heun ODE over ``steps``; ddpm ->
-    ancestral sampling on ``steps`` respaced steps. CFG ``guidance`` inside ``interval`` (0 = data,
-    1 = noise), or APG with ``apg``."""
+    """Draw (B, *token_shape) samples for ``cond`` (class labels (B,), or a ``Condition`` with labels or
+    T5 text (B, L, D) + mask) with the process the DiT was trained with (``diffusion``: the export's
+    settings): flow -> Euler / Heun ODE over ``steps``; ddpm -> ancestral sampling on ``steps``
+    respaced steps. CFG ``guidance`` inside ``interval`` (0 = data, 1 = noise), or APG with ``apg``."""
     g = Guidance(scale=guidance, interval=interval, apg=apg)
     device = model.pos_embed.device
-    cond = Condition(labels=labels.to(device))
+    cond = (cond if isinstance(cond, Condition) else Condition(labels=cond)).to(device)
+    b = len(cond)
     if diffusion.get("objective", "flow") == "flow":
         return model.generate(cond, steps=steps, guidance=g, solver=solver,
                               shift=float(diffusion.get("flow_shift", 1.0)), generator=generator)
@@ -125,9 +133,10 @@ def sample_dit(model: DiT, labels: torch.Tensor, diffusion: dict[str, Any], *, s
     was_training = model.training
     model.eval()
     try:
-        noise = torch.randn((len(labels), *model.token_spec.shape), generator=generator, device=device)
-        return ddpm.sample(model.diffusion_net(learned_sigma=model.cfg.learn_sigma), noise.shape, cond,
-                           steps=str(steps), guidance=g, null_cond=model.null_condition(len(labels), device),
+        noise = torch.randn((b, *model.token_spec.shape), generator=generator, device=device)
+        return ddpm.sample(model.diffusion_net(learned_sigma=model.cfg.learn_sigma), noise.shape,
+                           model.full_condition(cond, b, device),
+                           steps=str(steps), guidance=g, null_cond=model.null_condition(b, device),
                            noise=noise, generator=generator)
     finally:
         model.train(was_training)
@@ -142,6 +151,10 @@ class DiTTask(TrainTask):
         arch: str = "dit-s-2"  # a DiT in vtok.models.registry (dit-*)
         source_meta: str = ""  # latents.json / codes.json of the shards (default: beside data.train_shards)
         objective: str = "flow"  # "flow" (rectified flow) | "ddpm" (DiT: epsilon + learned sigma, hybrid loss)
+        # "class" (cls labels) | "text" (DiT-T2I: cross-attention over the shards' T5 text_emb + text_mask,
+        # sized from their text-emb.json; class_dropout then drops captions to the learned null one)
+        condition: str = "class"
+        text_meta: str = ""  # text-emb.json of the shards (default: beside data.train_shards)
         num_classes: int = 1000
         class_dropout: float = 0.1  # DiT: label -> null w.p. 0.1 (classifier-free guidance)
         # size overrides of the arch (0 = the registry's); tiny recipes use them
@@ -192,8 +205,19 @@ class DiTTask(TrainTask):
         if cfg.repa_depth and mode["token_mode"] != "2d":
             raise RecipeError("model.repa_depth: REPA aligns spatial patches with DINOv2's; these 1D tokens "
                               "have no patch grid (set model.repa_depth=0)")
-        return build_model(cfg.arch, **mode, **sizes, num_classes=cfg.num_classes, condition="class",
-                           class_dropout=cfg.class_dropout, learn_sigma=cfg.objective == "ddpm", **repa)
+        if cfg.condition == "text":
+            missing = [f for f in ("text_emb", "text_mask") if f not in recipe.data.fields]
+            if missing:
+                raise RecipeError(f"model.condition=text reads T5 embeddings: add {missing} to data.fields "
+                                  "(vtok precompute text-emb writes them)")
+            length, width = text_shape(recipe, cfg.text_meta)
+            cond = dict(condition="text", text_len=length, text_dim=width, num_classes=0)
+        elif cfg.condition == "class":
+            cond = dict(condition="class", num_classes=cfg.num_classes)
+        else:
+            raise RecipeError(f"model.condition={cfg.condition!r}: expected 'class' or 'text'")
+        return build_model(cfg.arch, **mode, **sizes, **cond, class_dropout=cfg.class_dropout,
+                           learn_sigma=cfg.objective == "ddpm", **repa)
 
     def __init__(self, cfg: "DiTTask.Config", recipe):
         self.cfg = cfg
@@ -214,6 +238,7 @@ class DiTTask(TrainTask):
         self.seed = int(recipe.seed)
         self.frozen = {}
         self._features: torch.Tensor | None = None  # REPA features of the last forward
+        self._eval_text: tuple[torch.Tensor, torch.Tensor] | None = None  # text runs: grid captions
         if cfg.repa_depth:
             self.frozen["repa_teacher"] = self._build_repa_teacher(cfg, recipe, model)
 
@@ -241,7 +266,7 @@ class DiTTask(TrainTask):
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Diffusion loss (+ REPA). Every random draw (mirror pick, class dropout, t, noise) is keyed
         by the sample and step (``KeyedDraws``), so 2 ranks x B/2 follow the 1 x B trajectory."""
-        x, labels = batch[self.field].float(), batch["cls"]
+        x = batch[self.field].float()
         draws = KeyedDraws(batch["__key__"], step, self.seed, x.device)
         image = batch.get("image") if self.cfg.repa_depth else None
         if x.dim() == len(self.spec.shape) + 2:  # (B, 2, *shape): the image's and its mirror's latents
@@ -249,10 +274,8 @@ class DiTTask(TrainTask):
             x = x[torch.arange(x.shape[0], device=x.device), pick]
             if image is not None:
                 image = torch.where(pick.bool()[:, None, None, None], image.flip(-1), image)
-        if labels.numel() and int(labels.max()) >= self.cfg.num_classes:
-            raise RecipeError(f"class id {int(labels.max())} in the data >= model.num_classes="
-                              f"{self.cfg.num_classes}; raise model.num_classes")
-        cond = Condition(labels=labels, extra={"dropout_u": draws.uniform()})
+        cond = self._condition(batch)
+        cond.extra["dropout_u"] = draws.uniform()
         if self.cfg.objective == "flow":
             t = self.process.time_from_normal(draws.normal())
         else:
@@ -264,6 +287,33 @@ class DiTTask(TrainTask):
             metrics["repa"] = repa.detach()
         self._features = None
         return loss, metrics
+
+    def _condition(self, batch: dict[str, Any]) -> Condition:
+        """The batch's condition: class labels (checked against num_classes), or T5 text + mask (the
+        first rows are kept for the sample grids of text-conditional runs)."""
+        if self.cfg.condition == "text":
+            text, mask = batch["text_emb"].float(), batch["text_mask"]
+            if self._eval_text is None:
+                n = self.cfg.eval_classes
+                self._eval_text = (text[:n].detach().clone(), mask[:n].detach().clone())
+            return Condition(text=text, text_mask=mask)
+        labels = batch["cls"]
+        if labels.numel() and int(labels.max()) >= self.cfg.num_classes:
+            raise RecipeError(f"class id {int(labels.max())} in the data >= model.num_classes="
+                              f"{self.cfg.num_classes}; raise model.num_classes")
+        return Condition(labels=labels)
+
+    def _eval_condition(self, device: torch.device) -> Condition | None:
+        """Rows of the sample grid: eval_classes classes (or, text-conditional, the first captions this
+        rank trained on) x eval_per_class samples; None before a text run has seen a batch."""
+        per = self.cfg.eval_per_class
+        if self.cfg.condition == "text":
+            if self._eval_text is None:
+                return None
+            text, mask = self._eval_text
+            return Condition(text=text.repeat_interleave(per, 0), text_mask=mask.repeat_interleave(per, 0)).to(device)
+        n = min(self.cfg.eval_classes, self.cfg.num_classes)
+        return Condition(labels=torch.arange(n, device=device).repeat_interleave(per))
 
     def _repa_target(self, image: torch.Tensor) -> torch.Tensor:
         """DINOv2 patch tokens (B, num_patches, repa_dim) of images (B, 3, H, W), resampled to the
@@ -280,11 +330,12 @@ class DiTTask(TrainTask):
 
         inner = self.unwrapped("dit")
         device = inner.pos_embed.device
-        n = min(self.cfg.eval_classes, self.cfg.num_classes)
-        labels = torch.arange(n, device=device).repeat_interleave(self.cfg.eval_per_class)
+        cond = self._eval_condition(device)
+        if cond is None:
+            return {}
         start = time.perf_counter()
         with self.gathered("dit") as model:
-            x = sample_dit(model, labels, self.diffusion_settings(self.cfg), steps=self.cfg.eval_steps,
+            x = sample_dit(model, cond, self.diffusion_settings(self.cfg), steps=self.cfg.eval_steps,
                            solver=self.cfg.eval_solver, guidance=self.cfg.eval_guidance,
                            generator=torch.Generator(device).manual_seed(step))
         metrics = {"sample_seconds": time.perf_counter() - start, "sample_std": float(x.float().std())}
@@ -318,5 +369,6 @@ class DiTTask(TrainTask):
     def export_info(cls, cfg: "DiTTask.Config", recipe) -> dict[str, Any]:
         """The modelled tokens' spec, the source, the decoder (tokenizer / VAE) and diffusion settings."""
         source = find_source(recipe, cfg.source_meta)
-        return {"arch": cfg.arch, "token_spec": source["token_spec"], "source": source["source"],
+        spec = replace(source["token_spec"], condition=cfg.condition)
+        return {"arch": cfg.arch, "token_spec": spec, "source": source["source"],
                 "diffusion": cls.diffusion_settings(cfg), **decoder_info(source)}

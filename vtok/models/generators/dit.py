@@ -288,7 +288,7 @@ class DiT(nn.Module):
         return net
 
     # -- sampling ------------------------------------------------------------------------------
-    def _full(self, cond: Condition, b: int, device: torch.device) -> Condition:
+    def full_condition(self, cond: Condition, b: int, device: torch.device) -> Condition:
         """``cond`` with missing fields filled by the null ones (so it concatenates with them)."""
         null = self.null_condition(b, device)
         if self.null_caption is not None:
@@ -305,7 +305,8 @@ class DiT(nn.Module):
         """Guided prediction (B, *shape) at x (B, *shape), t (B,) float in [0, 1]: CFG u + s (c - u)
         (or APG with a ``Guidance``), the conditional and null rows in ONE forward on 2B rows."""
         b = x.shape[0]
-        return guided(self.diffusion_net(), x, t, self._full(cond, b, x.device), self.null_condition(b, x.device),
+        return guided(self.diffusion_net(), x, t, self.full_condition(cond, b, x.device),
+                      self.null_condition(b, x.device),
                       guidance)
 
     @torch.no_grad()
@@ -332,7 +333,7 @@ class DiT(nn.Module):
         if g is not None and g.enabled and self.y_embedder is None and self.null_caption is None:
             raise ValueError("classifier-free guidance needs a conditional model (num_classes > 0 or text)")
         device = self.pos_embed.device
-        cond = self._full(cond.to(device), b, device)
+        cond = self.full_condition(cond.to(device), b, device)
         if noise is None:
             noise = torch.randn((b, *spec.shape), generator=generator, device=device)
         was_training = self.training
