@@ -1,5 +1,6 @@
-"""`vtok demo` end to end with its default settings (the README's first command), then `vtok sample`
-on its models: the class-conditional samples must have their class's colour far above chance."""
+"""`vtok demo` end to end, shortened (the same stages and code as the README's command, fewer images
+and steps), then `vtok sample` on its models: the class-conditional samples must carry their class's
+colour far above chance; vtok.eval.judge scores colour and shape, and is checked on real renders."""
 import json
 import os
 import subprocess
@@ -8,39 +9,43 @@ import sys
 import numpy as np
 import pytest
 
-# Measured with the defaults (2 CPU cores, seed 0): 52-62% of the samples carry their class's
-# colour (real images 100%, chance 1/6 = 17%). The threshold sits well below what was seen.
+# Measured with these settings (seed 0, guidance 3): 54% of the 48 samples have their class's colour
+# (real renders 100%, chance 17%), PSNR 20.8 dB; shapes need the full run (README). At 150 + 150 steps on
+# 512 images colour fell to 31%. Thresholds sit below what was seen.
+SHORT = ("--num-samples", 1024, "--tokenizer-steps", 250, "--generator-steps", 250, "--per-class", 2)
 MIN_COLOUR_MATCH = 0.35
+MIN_PSNR = 18.5
 
 
-def vtok(*args, timeout=1400):
+def vtok(*args, timeout=900):
     proc = subprocess.run([sys.executable, "-m", "vtok", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, f"vtok {args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
-@pytest.mark.timeout(1500)  # about 5 minutes on 2 idle cores: the whole README demo, several runs
+@pytest.mark.timeout(1200)  # about 2 minutes on 2 idle cores
 def test_demo_pipeline_learns_class_conditional_shapes(tmp_path):
     out = tmp_path / "demo"
-    proc = vtok("demo", "--out", out)
+    proc = vtok("demo", "--out", out, *SHORT)
     report = json.loads((out / "demo.json").read_text())
     for name in ("samples.png", "recon_grid.png", "samples.npz", "recon.json"):
         assert (out / name).is_file(), name
     assert str(out / "samples.png") in proc.stdout  # it says where the pictures are
+    assert "colour" in proc.stdout and "shape" in proc.stdout  # and how faithful the samples are
     grids = sorted((out / "runs" / "generator" / "samples").glob("step_*.png"))  # eval_every grids
-    assert [p.name for p in grids] == ["step_000000200.png", "step_000000400.png", "step_000000600.png"]
-    assert report["tokenizer"]["psnr"] > 17.0  # measured 19.95 dB on the held-out shapes
+    assert [p.name for p in grids] == ["step_000000200.png"]
+    assert report["tokenizer"]["psnr"] > MIN_PSNR
     assert min(c["usage"] for c in report["tokenizer"]["codebooks"]) > 0.5
+    assert report["generator"]["main/loss"] < 3.0  # the generator's metrics are reported
     samples = report["samples"]
-    assert samples["real_colour_match"] > 0.95  # the statistic itself is right on real images
-    assert samples["class_colour_match"] > MIN_COLOUR_MATCH, samples
+    assert samples["real"]["colour_match"] > 0.95 and samples["real"]["shape_match"] > 0.9  # the judge is right
+    assert samples["colour_match"] > MIN_COLOUR_MATCH, samples
 
     # a second run resumes: no shard rewritten, no training step repeated
-    again = vtok("demo", "--out", out)
+    again = vtok("demo", "--out", out, *SHORT)
     assert "0 shards written" in again.stdout and again.stdout.count("complete at step") == 2
-    assert json.loads((out / "demo.json").read_text())["samples"]["class_colour_match"] == samples[
-        "class_colour_match"]  # same seed, same samples
+    assert json.loads((out / "demo.json").read_text())["samples"] == samples  # same seed, same samples
 
     vtok("sample", "--generator", out / "generator", "--tokenizer", out / "tokenizer", "--out", tmp_path / "s",
          "--classes", "0,5", "--per-class", 3, "--guidance", 2.0, "--top-k", 50, "--npz")
@@ -66,9 +71,9 @@ def test_demo_dit_family_runs_and_resumes(tmp_path):
     assert str(out / "samples.png") in proc.stdout and (out / "generator" / "config.json").is_file()
     assert not (out / "tokenizer").exists()  # no tokenizer in this family
     samples = report["samples"]
-    assert samples["num_images"] == 48 and samples["real_colour_match"] > 0.95
+    assert samples["num_images"] == 48 and samples["real"]["colour_match"] > 0.95
     # Measured at 150 steps: 44% class colour (chance 1/6), 52 s; the full 600-step `vtok demo --family dit`:
     # 96% in 129 s on 2 idle cores
-    assert samples["class_colour_match"] > 0.3, samples
+    assert samples["colour_match"] > 0.3, samples
     again = vtok(*args)
     assert "0 shards written" in again.stdout and again.stdout.count("complete at step") == 1

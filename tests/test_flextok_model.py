@@ -58,7 +58,12 @@ def test_registers_at_or_after_keep_k_have_no_effect_on_the_decoder():
         changed = codes.clone()
         changed[:, k - 1] = -changed[:, k - 1] + 0.5  # a kept register does matter
         assert (model.velocity(x_t, t, changed, keep)[0] - v1).abs().amax() > 1e-4
-        # keep_k = 0 is the null condition: every register is the mask token, codes are ignored
+        # masked registers hold the bare mask token (positions come before nested dropout, as the
+        # official decoder); keep_k = 0 is the null condition: the null token everywhere, codes ignored
+        regs = model.decoder.embed_registers(codes, keep)
+        assert torch.equal(regs[:, k:], model.decoder.mask_token.expand(b, 16 - k, -1))
+        regs0 = model.decoder.embed_registers(codes, torch.zeros(b, dtype=torch.long))
+        assert torch.equal(regs0, model.decoder.null_token.expand(b, 16, -1))
         null = model.null_condition(b)
         v_null, _ = model.velocity(x_t, t, null.extra["codes"], null.extra["keep_k"])
         torch.testing.assert_close(model.velocity(x_t, t, codes, torch.zeros(b, dtype=torch.long))[0], v_null,

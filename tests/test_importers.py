@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vtok.cli import main
 from vtok.importers import (ImporterError, ImportOptions, expected_official, get_importer, import_checkpoint,
                             read_checkpoint)
-from vtok.importers.flextok import M, official_sincos
+from vtok.importers.flextok import NULL_KEY, M, half_swap, official_sincos
 from vtok.models.export import load_export
 from vtok.models.layers.adaln import sincos_2d
 from vtok.models.registry import build_model
@@ -52,7 +53,7 @@ def test_fixture_is_the_official_layout_of_the_tiny_entry(kind):
     assert data["vtok_arch"] == arch and data["commit"]
     imp, model = get_importer(kind), build_model(arch)
     assert expected_official(imp, model) == {k: tuple(v) for k, v in data["keys"].items()}
-    assert imp.recognise(official_state(kind)) == (arch, {} if kind == "dit" else {"norm_eps": 1e-5})
+    assert imp.recognise(official_state(kind)) == (arch, {})
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -181,7 +182,7 @@ def test_flextok_sincos_facts_vae_keys_and_a_foreign_table(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind,arch,overrides", [
     ("dit", "dit-xl-2", {}), ("dit", "dit-xl-2", {"input_size": 64}), ("dit", "dit-b-4", {}),
-    ("flextok", "flextok-d12-d12", {"norm_eps": 1e-5}), ("flextok", "flextok-d18-d28", {"norm_eps": 1e-5})])
+    ("flextok", "flextok-d12-d12", {}), ("flextok", "flextok-d18-d28", {})])
 def test_released_sizes_are_recognised_from_shapes(kind, arch, overrides):
     """Full sizes on the meta device: DiT-XL/2 at 256 and 512 px (the released files), FlexTok sizes."""
     imp = get_importer(kind)
@@ -189,3 +190,36 @@ def test_released_sizes_are_recognised_from_shapes(kind, arch, overrides):
         model = build_model(arch, **overrides)
         state = {k: torch.empty(shape) for k, shape in expected_official(imp, model).items()}
     assert imp.recognise(state) == (arch, overrides)
+
+
+def test_flextok_registers_null_and_output_head_follow_the_official_semantics(tmp_path):
+    """The official decoder's register path and output head, re-implemented on the official keys:
+    Linear(codes) + register positions, then MaskedNestedDropout (positions >= k hold the bare mask
+    token), then the null condition (LearnedNullCond: nullcond at every position); the head's
+    Fp32LayerNorm has eps 1e-5. vtok after import agrees, up to the half-swap basis change."""
+    official = official_state("flextok", seed=4)
+    save_file(official, str(tmp_path / "released.safetensors"))
+    import_checkpoint("flextok", tmp_path / "released.safetensors", tmp_path / "export")
+    dec = load_export(tmp_path / "export").model.decoder
+    perm, b, k, d = half_swap(64), 2, 5, 64
+    codes = torch.randn(b, 16, 4, generator=torch.Generator().manual_seed(5))
+    h = F.linear(codes, official[M["dec_codes"] + ".proj.weight"], official[M["dec_codes"] + ".proj.bias"])
+    h = h + official[M["dec_regpos"] + ".posembs"][0, 0].t()
+    h[:, k:] = official[M["dec_mask"] + ".dropout_mask_token"]
+    with torch.no_grad():
+        torch.testing.assert_close(dec.embed_registers(codes, torch.full((b,), k)), h[..., perm])
+        null = dec.embed_registers(codes, torch.zeros(b, dtype=torch.long))
+        torch.testing.assert_close(null, official[NULL_KEY].expand(b, 16, d)[..., perm])
+        # output head on a stream of tiny variance, where eps 1e-5 vs 1e-6 shows
+        x, c = 1e-3 * torch.randn(b, 16, d), torch.randn(b, d)
+        o = M["dec_head"] + "."
+        shift, scale = F.linear(F.silu(c), official[o + "adaLN_modulation.1.weight"],
+                                official[o + "adaLN_modulation.1.bias"]).chunk(2, -1)
+        normed = F.layer_norm(x, (d,), eps=1e-5) * (1 + scale[:, None]) + shift[:, None]
+        ref = F.linear(normed, official[o + "proj.weight"], official[o + "proj.bias"])
+        torch.testing.assert_close(dec.final_layer(x[..., perm], c), ref, rtol=1e-4, atol=1e-4)
+    # ZeroNullCond (no nullcond key): the null condition is zeros at every register
+    del official[NULL_KEY]
+    save_file(official, str(tmp_path / "zero_null.safetensors"))
+    import_checkpoint("flextok", tmp_path / "zero_null.safetensors", tmp_path / "zero")
+    assert torch.equal(load_export(tmp_path / "zero").model.decoder.null_token, torch.zeros(d))

@@ -18,7 +18,8 @@ VAE (``vae.*``) is not listed: the importer leaves it out. Settings: encoder and
 width 64, head dim 32, mlp_ratio 4 (GatedMlp takes int(2/3 x 4D) = int(8D/3) hidden units), 16
 registers, FSQ dim 4, 2x2 patches of 8x8x4 latents; decoder blocks with adaLN_expansion 2
 (patches / registers); decoder register positions as a learned 1D PositionalEmbeddingAdder (the
-type is assumed).
+type is assumed); the CFG null condition as ``dec_latent_dropout``, a LearnedNullCond over the
+decoder width (name and class from a fork quoting the released config's module order; assumed).
 
 Each fixture also records the checkout's commit when it is a git checkout, and the FlexTok one the
 largest difference between the official sin-cos tables and vtok's reimplementation of their formula
@@ -112,6 +113,7 @@ def flextok_keys(checkout: Path, commit: str = "") -> dict:
     try:
         from flextok.model.postprocessors.heads import LinearHead, ToPatchesLinearHead
         from flextok.model.preprocessors.linear import LinearLayer
+        from flextok.model.preprocessors.nullcond import LearnedNullCond
         from flextok.model.preprocessors.patching import PatchEmbedder
         from flextok.model.preprocessors.registers import Registers1D
         from flextok.model.preprocessors.time_embedding import TimestepEmbedder
@@ -144,6 +146,7 @@ def flextok_keys(checkout: Path, commit: str = "") -> dict:
                                                                 max_sizes=[t["registers"]],
                                                                 posemb_type="learnable_sum"),
         "dec_nested_dropout": MaskedNestedDropout(read_write_key="q", dim=d),
+        "dec_latent_dropout": LearnedNullCond(read_write_key="q", dim=d),
         "dec_noise_patch_emb": PatchEmbedder(input_tensor_list_read_key="x", patches_list_write_key="patches",
                                              n_patches_write_key="n", channels_in=c, dim=d, patch_sizes=[p, p],
                                    flatten_patches=False),

@@ -172,7 +172,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     s = run_sample(args.generator, args.tokenizer, args.out, opts, classes=args.classes,
                    per_class=args.per_class, npz=args.npz)
     extra = f" + {s['npz']}" if args.npz else ""
-    print(summary(f"vtok sample: {s['num_images']} images in {s['seconds']:.1f}s ({s['images_per_s']:.2f} "
+    prefix = f" from the first {args.num_tokens} tokens" if args.num_tokens else ""
+    print(summary(f"vtok sample: {s['num_images']} images{prefix} in {s['seconds']:.1f}s ({s['images_per_s']:.2f} "
                   f"img/s) -> {s['grid']}{extra}",
                   [("grid", s["grid"]), ("npz", s["npz"] if args.npz else None),
                    ("next", f"vtok eval gen --samples {s['npz']} --ref SHARDS --inception FILE --out DIR"
@@ -196,19 +197,27 @@ def cmd_precompute(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_recon(args: argparse.Namespace) -> None:
+    from vtok.eval.by_length import parse_lengths
     from vtok.eval.recon import evaluate_recon
 
     report = evaluate_recon(args.tokenizer, args.data, args.out, data_format=args.format,
                             resolution=args.resolution, batch_size=args.batch_size,
                             max_samples=args.max_samples, lpips_vgg=args.lpips_vgg,
-                            inception=args.inception, cache_dir=args.cache_dir or None)
+                            inception=args.inception, cache_dir=args.cache_dir or None,
+                            lengths=parse_lengths(args.lengths), steps=args.steps, guidance=args.guidance,
+                            apg=args.apg, seed=args.seed)
     lp = f", LPIPS {report['lpips']:.4f}" if report["lpips"] is not None else ""
     fid = f", rFID {report['rfid']:.3f}" if report["rfid"] is not None else ""
     usage = ", ".join(f"{c['usage']:.1%}" for c in report["codebooks"])
-    print(summary(f"vtok eval recon: {report['num_images']} images: PSNR {report['psnr']:.2f} dB, "
+    at = f" at {report['num_tokens']} tokens" if "by_length" in report else ""
+    out = Path(args.out)
+    print(summary(f"vtok eval recon: {report['num_images']} images{at}: PSNR {report['psnr']:.2f} dB, "
                   f"SSIM {report['ssim']:.4f}{lp}{fid}; codebook usage {usage} -> {args.out}/recon.json",
-                  [("report", existing(Path(args.out) / "recon.json")),
-                   ("grid", existing(Path(args.out) / "recon_grid.png"))]))
+                  [("report", existing(out / "recon.json")), ("grid", existing(out / "recon_grid.png")),
+                   *((f"k={row['k']}", f"PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}")
+                     for row in report.get("by_length", [])),
+                   ("by length", existing(out / "by_length.png") if "by_length" in report else None),
+                   ("coarse to fine", existing(out / "coarse_to_fine.png") if "by_length" in report else None)]))
     if report["rfid"] is None:
         print(f"  rFID not computed: pass --inception {INCEPTION_FILE} (from {INCEPTION_URL})")
 
@@ -220,10 +229,13 @@ def cmd_eval_gen(args: argparse.Namespace) -> None:
                           ref_stats=args.ref_stats, data_format=args.format, resolution=args.resolution,
                           batch_size=args.batch_size, max_ref=args.max_ref, cache_dir=args.cache_dir or None)
     ref = report["num_ref"] or "precomputed"
+    rows = [("report", existing(Path(args.out) / "gen.json"))]
+    for r in report.get("by_num_tokens", []):  # one row per samples file (token count K)
+        k = "all" if r["num_tokens"] is None else r["num_tokens"]
+        rows.append((f"K={k}", f"gFID {r['gfid']:.3f}, IS {r['inception_score']:.2f} ({r['samples']})"))
     print(summary(f"vtok eval gen: {report['num_samples']} samples vs {ref} reference images: "
                   f"gFID {report['gfid']:.3f}, IS {report['inception_score']:.2f} +- "
-                  f"{report['inception_score_std']:.2f} -> {args.out}/gen.json",
-                  [("report", existing(Path(args.out) / "gen.json"))]))
+                  f"{report['inception_score_std']:.2f} -> {args.out}/gen.json", rows))
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, help: Mapping[str, str] | None = None,
@@ -342,9 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--inception", default="", help=f"FID Inception weights ({INCEPTION_FILE}) for rFID "
                        "(default: none: no rFID)")
     recon.add_argument("--cache-dir", default="", help=CACHE_HELP)
+    ordered = "; ordered tokenizers (FlexTok) only"
+    recon.add_argument("--lengths", default="", help="token counts k to evaluate, e.g. "
+                       f"1,4,16 (default: 1, 2, 4, ... up to all of them){ordered}")
+    recon.add_argument("--steps", type=int, default=None, help=f"Euler decoding steps (default 20){ordered}")
+    recon.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale against "
+                       f"the null condition, 1 = none (default 7.5, the official README's){ordered}")
+    recon.add_argument("--apg", action=argparse.BooleanOptionalAction, default=None, help="adaptive projected "
+                       f"guidance instead of plain CFG (default on){ordered}")
+    recon.add_argument("--seed", type=int, default=0, help=f"decoding noise seed; image i uses seed + i{ordered}")
     recon.set_defaults(func=cmd_eval_recon)
     gen = ev.add_parser("gen", help="gFID / Inception Score of generated samples (ADM .npz)")
-    gen.add_argument("--samples", required=True, help=".npz whose arr_0 is uint8 (N, H, W, 3)")
+    gen.add_argument("--samples", required=True, nargs="+", help=".npz whose arr_0 is uint8 (N, H, W, 3); "
+                     "several (e.g. `vtok sample --num-tokens K --npz` for each K) give a gFID / IS table by K")
     refs = gen.add_mutually_exclusive_group(required=True)
     refs.add_argument("--ref", default="", help="reference image shards (statistics are cached); "
                       "this or --ref-stats is required (no default)")

@@ -12,15 +12,15 @@
     synthetic shapes ──▶ WebDataset shards ──▶ smoke DiT ──▶ export ──▶ samples ──▶ demo.json
 
 Every stage resumes: finished shards, trained runs (``COMPLETE``) and exports are kept, so a second
-``vtok demo`` only re-samples. Class faithfulness: the dominant colour of each sample's shape
-(``vtok.data.synthetic.dominant_colour``) against the colour of the class it was asked for; the
-same statistic on real images is printed beside it as the ceiling (chance is 1/6).
+``vtok demo`` only re-samples. Class faithfulness (``vtok.eval.judge``): the colour of each sample's
+shape and its shape, judged against the class it was asked for (chance 1/6 and 1/4), with an
+accuracy-based Inception Score; the same statistics on real renders are printed beside them.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +42,11 @@ class DemoOptions:
     samples_per_shard: int = 128
     resolution: int = 32
     workers: int = field(default=2, metadata={"help": "data loader workers"})
-    tokenizer_steps: int = 500
+    tokenizer_steps: int = 400
     generator_steps: int = field(default=600, metadata={"help": "steps of the FAR / DiT generator"})
     per_class: int = field(default=4, metadata={"help": "samples per class (24 classes)"})
-    guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale"})
+    guidance: float = field(default=0.0, metadata={
+        "help": "classifier-free guidance scale (default 0: the family's, fqgan 2.0, dit 3.0)"})
     dit_resolution: int = field(default=16, metadata={"help": "image side the --family dit DiT models"})
     seed: int = 0
 
@@ -69,20 +70,23 @@ def _train(recipe_name: str, overrides: list[str], export_dir: Path) -> dict:
     if not (export_dir / "config.json").is_file():
         trainer.export(export_dir)
     metrics_file = Path(trainer.run_dir) / "metrics.jsonl"
-    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
-    last = json.loads(lines[-1]) if lines else {}
+    last: dict = {}  # the latest value of every metric (train and eval lines alternate)
+    for line in metrics_file.read_text().splitlines() if metrics_file.is_file() else []:
+        last.update(json.loads(line))
     print(f"{recipe_name}: {result['status']} at step {result['step']}; exported -> {export_dir}")
     return last
 
 
 def class_faithfulness(images: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of images (N, H, W, 3) uint8 whose shape colour is the colour of their class."""
+    """Fraction of uint8 images (N, H, W, 3) whose shape colour is the colour of their class ``labels``
+    (N,) (``colour_match`` of ``vtok.eval.judge``, without fitting the shape judge)."""
     from vtok.data.synthetic import colour_of_class, dominant_colour
 
     return float((dominant_colour(images) == colour_of_class(labels)).mean())
 
 
 FAMILIES = ("fqgan", "dit")
+GUIDANCE = {"fqgan": 2.0, "dit": 3.0}  # measured best class match of each family's smoke generator
 
 
 def run_demo(opts: DemoOptions) -> dict:
@@ -92,6 +96,7 @@ def run_demo(opts: DemoOptions) -> dict:
     if opts.family not in FAMILIES:
         raise RecipeError(f"--family {opts.family!r}: expected one of {', '.join(FAMILIES)}")
     out = Path(opts.out).resolve()
+    opts = replace(opts, guidance=opts.guidance or GUIDANCE[opts.family])
     timings: dict[str, float] = {}
     report: dict = {"options": vars(opts)}
     stages = 5 if opts.family == "fqgan" else 3
@@ -108,8 +113,11 @@ def run_demo(opts: DemoOptions) -> dict:
     report["seconds"] = timings
     atomic_write_bytes(out / "demo.json", json.dumps(report, indent=1, default=str).encode())
     s = report["samples"]
-    print(f"\nclass faithfulness: {s['class_colour_match']:.0%} of samples have their class's colour "
-          f"(real images {s['real_colour_match']:.0%}, chance 17%)")
+    print(f"\nclass faithfulness of {s['num_images']} samples (real images in brackets; chance in braces):\n"
+          f"  colour {s['colour_match']:.0%} ({s['real']['colour_match']:.0%}) {{17%}}, "
+          f"shape {s['shape_match']:.0%} ({s['real']['shape_match']:.0%}) {{25%}}, "
+          f"both {s['class_match']:.0%} ({s['real']['class_match']:.0%}) {{4%}}; "
+          f"judge inception score {s['inception_score']:.1f} ({s['real']['inception_score']:.1f}) of 24")
     print(f"stage times: {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")
     recon = f"{out / 'recon_grid.png'} (originals above reconstructions), " if opts.family == "fqgan" else ""
     print(f"pictures: {out / 'samples.png'} (one row per class), {recon}{out / 'runs/generator/samples'}/ "
@@ -177,9 +185,10 @@ def _dit_stage(opts: DemoOptions, out: Path, report: dict, timings: dict[str, fl
 
 
 def _sample(opts: DemoOptions, out: Path, tokenizer: str, res: int) -> dict:
-    """Class-conditional samples (``<out>/samples.png`` + npz) scored for class colour, beside the
-    same statistic on real images at the same resolution."""
-    from vtok.data.synthetic import NUM_CLASSES, render_sample
+    """Class-conditional samples (``<out>/samples.png`` + npz) judged for class colour and shape
+    (``vtok.eval.judge``), beside the same statistics on real renders at the same resolution."""
+    from vtok.data.synthetic import NUM_CLASSES
+    from vtok.eval.judge import judge_samples
     from vtok.eval.sample import SampleOptions, run_sample
 
     sampled = run_sample(str(out / "generator"), tokenizer, str(out),
@@ -187,10 +196,6 @@ def _sample(opts: DemoOptions, out: Path, tokenizer: str, res: int) -> dict:
                          per_class=opts.per_class, npz=True)
     with np.load(sampled["npz"]) as z:
         images, labels = z["arr_0"], z["labels"]
-    real = [render_sample(i, res, seed=opts.seed + 1) for i in range(len(labels))]
-    real_images = np.stack([np.asarray(img) for img, _, _ in real])
-    real_labels = np.array([c for _, c, _ in real])
-    return {"num_images": len(images), "grid": sampled["grid"], "guidance": opts.guidance,
-            "class_colour_match": class_faithfulness(images, labels),
-            "real_colour_match": class_faithfulness(real_images, real_labels),
-            "chance": 1 / 6, "classes": NUM_CLASSES}
+    judged = judge_samples(images, labels, seed=opts.seed).to_dict()
+    return {"num_images": len(images), "grid": sampled["grid"], "guidance": opts.guidance, **judged,
+            "classes": NUM_CLASSES}

@@ -1,7 +1,10 @@
 """``vtok sample``: class-conditional images from any exported generator (GPT / FAR or DiT).
 
 GPT-family exports decode their codes through a tokenizer export (``--tokenizer``, default the one
-named in the generator's export). DiT exports sample with the diffusion process they were trained
+named in the generator's export). On a variable-length tokenizer (FlexTok) ``num_tokens`` = K
+generates only the first K tokens and decodes that prefix (the tokenizer's rectified-flow decoder,
+``decode_steps`` / ``decode_guidance`` / ``decode_apg``, then the VAE its export names unless it is
+the identity). DiT exports sample with the diffusion process they were trained
 with (rectified flow: Euler / Heun ODE; DDPM: ancestral on respaced steps) and decode through the
 VAE / tokenizer their export names, or show the samples directly when the DiT models pixels.
 Writes a PNG grid (one row per class when ``per_class`` fits) and optionally an ADM-style ``.npz``
@@ -10,6 +13,7 @@ Writes a PNG grid (one row per class when ``per_class`` fits) and optionally an 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,8 +28,9 @@ from vtok.data.writers import atomic_write_bytes
 from vtok.eval import EvalError
 from vtok.eval.grid import save_grid, to_uint8
 from vtok.models.api import Condition, TokenSpec
-from vtok.models.export import load_export
+from vtok.models.export import Export, load_export
 
+log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,6 +52,13 @@ class SampleOptions:
         "help": "DiT: 'lo,hi' normalized times (0 data, 1 noise) where CFG applies"})
     apg: bool = field(default=False, metadata={"help": "DiT: adaptive projected guidance instead of CFG"})
     dtype: str = field(default="fp32", metadata={"help": "autocast dtype", "choices": tuple(DTYPES)})
+    # GPT on a variable-length tokenizer (FlexTok)
+    num_tokens: int = field(default=0, metadata={
+        "help": "GPT on a variable-length tokenizer: generate and decode the first K tokens (0: all)"})
+    decode_steps: int = field(default=25, metadata={"help": "FlexTok decoder: Euler steps (README: 20)"})
+    decode_guidance: float = field(default=1.0, metadata={"help": "FlexTok decoder: CFG scale (README: 7.5)"})
+    decode_apg: bool = field(default=False, metadata={
+        "help": "FlexTok decoder: adaptive projected guidance (README: on)"})
 
 
 @torch.no_grad()
@@ -73,16 +85,61 @@ def sample_batches(generator: torch.nn.Module, labels: torch.Tensor, opts: Sampl
 
 
 def sample_images(generator: torch.nn.Module, tokenizer: torch.nn.Module, labels: torch.Tensor,
-                  opts: SampleOptions, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPT: labels (N,) -> (images (N, 3, H, W) in [-1, 1] on CPU, codes (N, k, *grid))."""
+                  opts: SampleOptions, progress: bool = True,
+                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT: labels (N,) -> (images (N, 3, H, W) in [-1, 1] on CPU, codes (N, k, *grid), or (N, 1, K)
+    with ``opts.num_tokens`` = K on a variable-length tokenizer). ``decode``: codes -> images
+    (default ``tokenizer.decode``; ``token_decoder`` adds a FlexTok's decoding options and VAE)."""
     check_pair(generator.token_spec, tokenizer.token_spec)
+    num_tokens = check_num_tokens(opts.num_tokens, tokenizer.token_spec)
 
     def draw(rows: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        return generator.generate(Condition(labels=rows), guidance=opts.guidance,
+        return generator.generate(Condition(labels=rows), num_tokens=num_tokens, guidance=opts.guidance,
                                   guidance_schedule=opts.guidance_schedule, temperature=opts.temperature,
                                   top_k=opts.top_k, top_p=opts.top_p, generator=rng)
 
-    return sample_batches(generator, labels, opts, draw, tokenizer.decode, progress)
+    return sample_batches(generator, labels, opts, draw, decode or tokenizer.decode, progress)
+
+
+def check_num_tokens(num_tokens: int, spec: TokenSpec) -> int | None:
+    """``--num-tokens`` checked against the tokenizer: None for 0 (all tokens), else K in 1..R of a
+    variable-length tokenizer (one-line EvalError otherwise)."""
+    if not num_tokens:
+        return None
+    if not spec.variable_length:
+        raise EvalError(f"--num-tokens {num_tokens}: the tokenizer's tokens {list(spec.shape)} are fixed-length "
+                        "(only ordered, variable-length tokenizers such as FlexTok decode a prefix); drop it")
+    if not 1 <= num_tokens <= spec.num_tokens:
+        raise EvalError(f"--num-tokens {num_tokens}: expected 1..{spec.num_tokens} (the tokenizer's tokens per image)")
+    return num_tokens
+
+
+def token_decoder(export: Export, device: torch.device | str, opts: SampleOptions | None = None
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """codes -> images (B, 3, H, W) through a loaded tokenizer export: its ``decode``, with the
+    FlexTok decoder's steps / guidance from ``opts`` (default ``SampleOptions()``), then the VAE the
+    export names ("identity" or none: the decoded latents are the images). One-line EvalError when
+    that VAE is missing."""
+    from vtok.models.diffusion import Guidance
+    from vtok.tasks.dit import make_decoder
+
+    opts = opts or SampleOptions()
+    tokenizer, kwargs = export.model, {}
+    if export.token_spec.variable_length:  # a generative (rectified-flow) decoder
+        kwargs = dict(steps=opts.decode_steps, guidance=Guidance(scale=opts.decode_guidance, apg=opts.decode_apg))
+    elif any(getattr(opts, f) != getattr(SampleOptions, f) for f in ("decode_steps", "decode_guidance", "decode_apg")):
+        log.warning("--decode-steps / --decode-guidance / --decode-apg have no effect: %s decodes in one pass",
+                    export.arch)
+    vae = export.meta.get("vae", "")
+    if not vae or vae == "identity":
+        return lambda codes: tokenizer.decode(codes.to(device), **kwargs)
+    latents_to_images = make_decoder({"source": "latents", "vae": vae, "latent_scaling":
+                                      export.meta.get("latent_scaling", 1.0), "latent_shift":
+                                      export.meta.get("latent_shift", 0.0)}, device=device)
+    if latents_to_images is None:
+        raise EvalError(f"the tokenizer export's VAE ({vae}) is not there: its decoded latents cannot become "
+                        "images; put the VAE there or re-export the tokenizer naming it")
+    return lambda codes: latents_to_images(tokenizer.decode(codes.to(device), **kwargs))
 
 
 def check_pair(gen_spec: TokenSpec, tok_spec: TokenSpec) -> None:
@@ -140,9 +197,12 @@ def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOpt
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     export = load_export(generator_dir, "generator", device)
     generator = export.model
-    if isinstance(generator, DiT) and generator.cfg.condition == "text":
-        raise EvalError(f"{generator_dir} is a text-conditional DiT: vtok sample draws class-conditional "
-                        "samples only (captions -> T5 -> samples comes with the TexTok task)")
+    if generator.cfg.condition == "text":
+        raise EvalError(f"{generator_dir} is a text-conditional {type(generator).__name__}: vtok sample draws "
+                        "class-conditional samples only (captions -> T5 -> samples comes with the TexTok task)")
+    if isinstance(generator, DiT) and opts.num_tokens:
+        raise EvalError(f"--num-tokens {opts.num_tokens}: {generator_dir} is a DiT, which samples all its tokens; "
+                        "--num-tokens is for a GPT on a variable-length tokenizer (FlexTok)")
     labels = class_labels(generator.cfg.num_classes, classes, per_class)
     start = time.perf_counter()
     if isinstance(generator, DiT):
@@ -158,8 +218,10 @@ def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOpt
         tokenizer_dir = tokenizer_dir or export.meta.get("tokenizer", "")
         if not tokenizer_dir:
             raise EvalError(f"{generator_dir} names no tokenizer export: pass --tokenizer DIR")
-        tokenizer = load_export(tokenizer_dir, "tokenizer", device).model
-        images, _ = sample_images(generator, tokenizer, labels, opts, progress)
+        tok_export = load_export(tokenizer_dir, "tokenizer", device)
+        check_num_tokens(opts.num_tokens, tok_export.token_spec)  # before the VAE loads
+        images, _ = sample_images(generator, tok_export.model, labels, opts, progress,
+                                  decode=token_decoder(tok_export, device, opts))
     seconds = time.perf_counter() - start
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +231,8 @@ def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOpt
                "images_per_s": len(images) / seconds, **vars(opts)}
     if npz:
         buf = io.BytesIO()
-        np.savez(buf, arr_0=to_uint8(images), labels=labels.numpy())
+        extra = {"num_tokens": np.array(opts.num_tokens)} if opts.num_tokens else {}
+        np.savez(buf, arr_0=to_uint8(images), labels=labels.numpy(), **extra)
         atomic_write_bytes(out_dir / "samples.npz", buf.getvalue())
         summary["npz"] = str(out_dir / "samples.npz")
     return summary

@@ -20,7 +20,10 @@ quoted from the released config by public forks (an assumption, kept in one tabl
     decoder.module_dict.
       dec_from_latents.proj.{weight,bias}            LinearLayer: Linear(d, D)
       dec_registers_posemb_module.posembs            (1, 1, D, R) learned 1D positions (assumed type)
-      dec_nested_dropout.dropout_mask_token          (D,)  MaskedNestedDropout
+      dec_nested_dropout.dropout_mask_token          (D,)  MaskedNestedDropout (after the positions)
+      dec_latent_dropout.nullcond                    (D,)  LearnedNullCond: the CFG null replaces every
+                                       register (after nested dropout); a file without this key is
+                                       taken as ZeroNullCond (no parameters: the null is zeros)
       dec_noise_patch_emb.patch_proj.{weight,bias}   Linear(p*p*C, D)
       dec_patches_posemb_module.posembs              (1, D, g, g) fixed 2D sin-cos
       dec_time_embedder.mlp.{0,2}.{weight,bias}      TimestepEmbedder ([cos | sin], max_period 256)
@@ -45,8 +48,13 @@ Two facts make this more than a renaming:
   (shift, scale, gate) x 2 heads, and wq / wk / wv are fused into vtok's qkv.
 
 The fixed tables are checked on import (a table that differs from the official formula is refused)
-and regenerated on export. Known behavioural differences that no weight mapping can absorb are
-listed in the import report, not here (see the importer's ``NOTES``).
+and regenerated on export. Checked against the official code (87d00cc): masked registers hold the
+bare mask token (the positions are added before ``MaskedNestedDropout``), the CFG null condition is
+one vector at every register position (``nullcond.py``; the pipeline's unconditional pass sets
+``eval_dropout_mask``), and every LayerNorm, the output head's included, is ``Fp32LayerNorm`` with
+eps 1e-5; vtok's FlexTok does the same. The module NAME ``dec_latent_dropout`` and its class
+(Learned- vs ZeroNullCond) are from a public fork quoting the released config's module order, not
+from the code repository.
 """
 from __future__ import annotations
 
@@ -68,14 +76,15 @@ M = {"enc_patch": ENC + "enc_patch_emb", "enc_pos": ENC + "enc_posemb_module",
      "enc_head": ENC + "enc_to_latents", "dec_codes": DEC + "dec_from_latents",
      "dec_regpos": DEC + "dec_registers_posemb_module", "dec_mask": DEC + "dec_nested_dropout",
      "dec_patch": DEC + "dec_noise_patch_emb", "dec_pos": DEC + "dec_patches_posemb_module",
-     "dec_time": DEC + "dec_time_embedder", "dec_tf": DEC + "dec_transformer", "dec_head": DEC + "dec_to_patches"}
+     "dec_time": DEC + "dec_time_embedder", "dec_tf": DEC + "dec_transformer", "dec_head": DEC + "dec_to_patches",
+     "dec_null": DEC + "dec_latent_dropout"}
 OFFICIAL_NORM_EPS = 1e-5  # Fp32LayerNorm(bias=False, elementwise_affine=False): nn.LayerNorm's default eps
 OFFICIAL_ADALN = ("gate_msa", "gate_mlp", "shift_msa", "scale_msa", "shift_mlp", "scale_mlp")
 VTOK_ADALN = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
 ADALN_ORDER = [OFFICIAL_ADALN.index(n) for n in VTOK_ADALN]  # vtok chunk i = official chunk ADALN_ORDER[i]
-NOTES = ("masked registers: official MaskedNestedDropout runs after the register positions are added "
-         "(a masked register is the bare mask token; vtok adds the position to it); CFG null: official "
-         "zeroes / nulls the register codes (dec_latent_dropout), vtok masks every register (keep_k = 0)")
+NOTES = ("CFG null: a checkpoint without dec_latent_dropout.nullcond is taken as ZeroNullCond (null token = 0); "
+         "the module name dec_latent_dropout is from a fork quoting the released config (unverified)")
+NULL_KEY = M["dec_null"] + ".nullcond"
 
 
 def official_sincos(dim: int, height: int, width: int) -> torch.Tensor:
@@ -190,8 +199,11 @@ class _Mapper:
             (M["dec_codes"] + ".proj.weight", "decoder.code_embed.weight", "rows", pd),
             (M["dec_codes"] + ".proj.bias", "decoder.code_embed.bias", "rows", pd),
             (M["dec_mask"] + ".dropout_mask_token", "decoder.mask_token", "rows", pd),
+            (NULL_KEY, "decoder.null_token", "rows", pd),
         ] + [(f"{M['dec_time']}.mlp.{i}.{n}", f"decoder.t_embedder.mlp.{i}.{n}", "", None)
              for i in (0, 2) for n in ("weight", "bias")]
+        if fwd and NULL_KEY not in src:  # ZeroNullCond (no parameters): the null token is zeros
+            src = {**src, NULL_KEY: torch.zeros(cfg.decoder_width)}
         for official, vtok, how, perm in pairs:
             t = src[official if fwd else vtok]
             t = _rows(t, perm) if how == "rows" else _cols(t, perm) if how == "cols" else t
@@ -216,8 +228,14 @@ class FlexTokImporter(Importer):
     notes = NOTES
 
     def split(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Leaves out the bundled VAE; a decoder without a learned null condition (ZeroNullCond: no
+        parameters) gets a null token of zeros, which is what ZeroNullCond feeds the decoder."""
         vae = [k for k in state if k.startswith("vae.")]
-        return {k: v for k, v in state.items() if not k.startswith("vae.")}, ({"vae": len(vae)} if vae else {})
+        out = {k: v for k, v in state.items() if not k.startswith("vae.")}
+        patch = M["dec_patch"] + ".patch_proj.weight"
+        if NULL_KEY not in out and patch in out:
+            out[NULL_KEY] = out[patch].new_zeros(out[patch].shape[0])
+        return out, ({"vae": len(vae)} if vae else {})
 
     def recognise(self, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
         from vtok.models.registry import MODELS
@@ -250,7 +268,7 @@ class FlexTokImporter(Importer):
             raise ImporterError(f"the checkpoint's FSQ has {code_dim} dimensions; {arch} has levels "
                                 f"{list(cfg.fsq.levels)} ({len(cfg.fsq.levels)}); the levels are not in the weights")
         want = {"latent_channels": in_dim // (p * p), "latent_size": grid * p, "num_registers": registers,
-                "norm_eps": OFFICIAL_NORM_EPS}
+                "norm_eps": OFFICIAL_NORM_EPS}  # vtok's default since the final-layer fix; kept for old configs
         return arch, {k: v for k, v in want.items() if getattr(cfg, k) != v}
 
     def to_vtok(self, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -286,4 +304,4 @@ class FlexTokImporter(Importer):
             "official": f"FlexTok d{cfg.encoder_depth}-d{cfg.decoder_depth}", "import_notes": NOTES}
 
 
-__all__ = ["FlexTokImporter", "M", "official_sincos"]
+__all__ = ["FlexTokImporter", "M", "NULL_KEY", "official_sincos"]

@@ -5,7 +5,9 @@ tokens (``TokenSpec.dim > 0``); shape ``token_spec.shape``, or ``(2, *shape)`` w
 and its mirror, as LlamaGen's code extraction augments) and every input field except ``image``: code
 shards feed generators, which never read pixels, and stay ~100x smaller without them
 (``keep_image=True`` keeps it). ``<out>/codes.json`` records the tokenizer and its ``token_spec``
-(what the gpt task sizes itself from). Runs on :mod:`vtok.precompute.runner` (ranks, resume, summary).
+(what the gpt task sizes itself from). A tokenizer on VAE latents (FlexTok; its export names the
+VAE dir) gets the images through that frozen VAE's encoder first ("identity": pixels are the
+latents). Runs on :mod:`vtok.precompute.runner` (ranks, resume, summary).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class CodesJob(Job):
         self.drops = () if opts.keep_image else ("image",)
         self.transform = center_crop(opts.resolution)
         self.model: Any = None
+        self.vae: torch.nn.Module | None = None  # a latent tokenizer's frozen VAE encoder
         self.spec: TokenSpec | None = None
 
     def identity(self) -> dict[str, Any]:
@@ -62,6 +65,11 @@ class CodesJob(Job):
 
         export = load_export(self.opts.tokenizer, "tokenizer", device)
         self.model, self.device = export.model, device
+        vae = export.meta.get("vae", "")
+        if vae and vae != "identity":  # FlexTok trained on VAE latents: images -> latents -> ids
+            from vtok.tasks.flextok import FrozenVAEEncoder
+
+            self.vae = FrozenVAEEncoder(vae).to(device)
         self.spec = export.token_spec.at(self.opts.resolution)  # one-line error for a wrong resolution
         self.dtype = code_dtype(self.spec)
 
@@ -71,11 +79,15 @@ class CodesJob(Job):
     @torch.no_grad()
     def run(self, items: list[torch.Tensor]) -> list[dict[str, Any]]:
         images = image_batch(items, self.device)
-        codes = self.model.encode(images)  # (B, *token_shape)
+        codes = self.encode(images)  # (B, *token_shape)
         if self.opts.flip:
-            codes = torch.stack([codes, self.model.encode(images.flip(-1))], dim=1)
+            codes = torch.stack([codes, self.encode(images.flip(-1))], dim=1)
         codes = codes.float() if not self.spec.discrete else codes
         return [{"codes": c.astype(self.dtype)} for c in codes.cpu().numpy()]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> codes (B, *token_shape) (through the VAE when there is one)."""
+        return self.model.encode(images if self.vae is None else self.vae(images))
 
     def metadata(self) -> dict[str, Any]:
         return {"tokenizer": str(Path(self.opts.tokenizer).resolve()), "token_spec": self.spec.to_dict(),

@@ -39,6 +39,7 @@ from vtok.models.generators.dit import DiT
 from vtok.models.pretrained import PretrainedSpec
 from vtok.models.registry import MODELS, build_model
 from vtok.train.keyed_rng import KeyedDraws
+from vtok.tasks.conditions import ConditionSource
 from vtok.train.task import TrainTask, register_task
 
 log = logging.getLogger("vtok.train")
@@ -238,7 +239,7 @@ class DiTTask(TrainTask):
         self.seed = int(recipe.seed)
         self.frozen = {}
         self._features: torch.Tensor | None = None  # REPA features of the last forward
-        self._eval_text: tuple[torch.Tensor, torch.Tensor] | None = None  # text runs: grid captions
+        self.conditions = ConditionSource(cfg.condition, cfg.num_classes, cfg.eval_classes, cfg.eval_per_class)
         if cfg.repa_depth:
             self.frozen["repa_teacher"] = self._build_repa_teacher(cfg, recipe, model)
 
@@ -274,7 +275,7 @@ class DiTTask(TrainTask):
             x = x[torch.arange(x.shape[0], device=x.device), pick]
             if image is not None:
                 image = torch.where(pick.bool()[:, None, None, None], image.flip(-1), image)
-        cond = self._condition(batch)
+        cond = self.conditions.from_batch(batch)
         cond.extra["dropout_u"] = draws.uniform()
         if self.cfg.objective == "flow":
             t = self.process.time_from_normal(draws.normal())
@@ -288,32 +289,6 @@ class DiTTask(TrainTask):
         self._features = None
         return loss, metrics
 
-    def _condition(self, batch: dict[str, Any]) -> Condition:
-        """The batch's condition: class labels (checked against num_classes), or T5 text + mask (the
-        first rows are kept for the sample grids of text-conditional runs)."""
-        if self.cfg.condition == "text":
-            text, mask = batch["text_emb"].float(), batch["text_mask"]
-            if self._eval_text is None:
-                n = self.cfg.eval_classes
-                self._eval_text = (text[:n].detach().clone(), mask[:n].detach().clone())
-            return Condition(text=text, text_mask=mask)
-        labels = batch["cls"]
-        if labels.numel() and int(labels.max()) >= self.cfg.num_classes:
-            raise RecipeError(f"class id {int(labels.max())} in the data >= model.num_classes="
-                              f"{self.cfg.num_classes}; raise model.num_classes")
-        return Condition(labels=labels)
-
-    def _eval_condition(self, device: torch.device) -> Condition | None:
-        """Rows of the sample grid: eval_classes classes (or, text-conditional, the first captions this
-        rank trained on) x eval_per_class samples; None before a text run has seen a batch."""
-        per = self.cfg.eval_per_class
-        if self.cfg.condition == "text":
-            if self._eval_text is None:
-                return None
-            text, mask = self._eval_text
-            return Condition(text=text.repeat_interleave(per, 0), text_mask=mask.repeat_interleave(per, 0)).to(device)
-        n = min(self.cfg.eval_classes, self.cfg.num_classes)
-        return Condition(labels=torch.arange(n, device=device).repeat_interleave(per))
 
     def _repa_target(self, image: torch.Tensor) -> torch.Tensor:
         """DINOv2 patch tokens (B, num_patches, repa_dim) of images (B, 3, H, W), resampled to the
@@ -330,7 +305,7 @@ class DiTTask(TrainTask):
 
         inner = self.unwrapped("dit")
         device = inner.pos_embed.device
-        cond = self._eval_condition(device)
+        cond = self.conditions.for_grid(device)
         if cond is None:
             return {}
         start = time.perf_counter()

@@ -1,9 +1,11 @@
 """GPT-style autoregressive generator over token codes (LlamaGen), with FQGAN's FAR head.
 
-Sequence layout (class-conditional)::
+Sequence layout (class-conditional; text-conditional puts the P projected caption tokens first)::
 
     input   [cls] t0  t1  ... t_{L-2}         (cls: class embedding; null class = num_classes)
     predict  t0   t1  t2  ... t_{L-1}
+    input   [c_0 .. c_{P-1}] t0 ... t_{L-2}  (text: T5 embeddings -> MLP; padded caption positions
+    predict             t0   t1 ... t_{L-1}   are masked as keys; dropped captions -> a learned null)
 
 Each position's token may be factorized into ``k`` sub-codes (one per FQGAN sub-codebook). The input
 embeds them separately, concatenates and projects (``merge``); the output is the FAR head, a small
@@ -12,7 +14,12 @@ output predicts sub-code j, so sub-code j depends on the trunk state and sub-cod
 and no head layers this is exactly LlamaGen's GPT (RMSNorm, SwiGLU, 2D RoPE on the token grid, class
 token with identity rotation, zero-initialised output layer).
 
-Shapes: codes (B, k, *grid) with grid (h, w) or (n,); labels (B,); logits: k tensors (B, L, V_j).
+1D tokenizers (FlexTok: ordered ids (1, R) over one 64,000-code FSQ codebook) get 1D RoPE over the R
+positions and train on all R tokens; ``generate(num_tokens=K)`` stops after the first K (the KV
+cache holds only prefix + K positions), since an ordered tokenizer decodes any prefix.
+
+Shapes: codes (B, k, *grid) with grid (h, w) or (n,); labels (B,) or text (B, P, text_dim) + mask
+(B, P); logits: k tensors (B, L, V_j).
 """
 from __future__ import annotations
 
@@ -27,7 +34,9 @@ from torch import nn
 
 from vtok.models.api import Condition, TokenSpec
 from vtok.models.generators.sampling import guidance_at, sample_logits
-from vtok.models.layers import Block, KVCache, RMSNorm, rope_1d, rope_for_shape
+from vtok.models.layers import Block, KVCache, RMSNorm, causal_mask, rope_1d, rope_for_shape
+
+CONDITIONS = ("class", "text")
 
 
 @dataclass
@@ -39,7 +48,10 @@ class GPTConfig:
     token_shape: tuple[int, ...] = (16, 16)  # the token grid (h, w), or (n,) for 1D tokenizers
     head_layers: int = 0  # FAR head depth; required (>= 1) when k > 1
     num_classes: int = 1000
-    class_dropout: float = 0.1  # labels -> null class during training, for classifier-free guidance
+    class_dropout: float = 0.1  # labels / captions -> null during training, for classifier-free guidance
+    condition: str = "class"  # "class" | "text" (T5 caption as a prefix, LlamaGen t2i's layout)
+    text_dim: int = 4096  # text mode: width of the T5 embeddings
+    text_len: int = 120  # text mode: caption tokens P (shorter captions are padded and masked)
     token_dropout: float = 0.1  # dropout on the input embeddings (LlamaGen's token_dropout_p)
     dropout: float = 0.1  # residual + FFN dropout
     rope_base: float = 10000.0
@@ -51,6 +63,21 @@ class GPTConfig:
         self.token_shape = tuple(int(s) for s in self.token_shape)
         if len(self.vocab_sizes) > 1 and self.head_layers < 1:
             raise ValueError(f"{len(self.vocab_sizes)} sub-codebooks need a FAR head: set head_layers >= 1")
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"GPTConfig.condition={self.condition!r}: expected one of {', '.join(CONDITIONS)}")
+
+    @property
+    def prefix_len(self) -> int:
+        """Condition positions before the first token: 1 class token, or text_len caption tokens."""
+        return self.text_len if self.condition == "text" else 1
+
+
+def token_rope(token_shape: tuple[int, ...], head_dim: int, base: float, prefix: int) -> torch.Tensor:
+    """RoPE table for ``prefix`` identity rows + the token positions: 2D for an (h, w) grid, 1D over
+    all pairs for a sequence. Singleton axes are dropped first, so a (1, R) shape (FlexTok's spec
+    shape with its sub-code axis kept) is a 1D sequence of R, not a 2D grid whose row half never turns."""
+    axes = tuple(s for s in token_shape if s != 1) or (1,)
+    return rope_for_shape(axes, head_dim, base, prefix=prefix)
 
 
 class GPT(nn.Module):
@@ -62,7 +89,12 @@ class GPT(nn.Module):
         k, d = len(cfg.vocab_sizes), cfg.dim
         self.num_codebooks, self.seq_len = k, math.prod(cfg.token_shape)
         self.null_class = cfg.num_classes
-        self.cls_embed = nn.Embedding(cfg.num_classes + 1, d)  # + the null class
+        text = cfg.condition == "text"
+        self.cls_embed = None if text else nn.Embedding(cfg.num_classes + 1, d)  # + the null class
+        # LlamaGen t2i's caption embedder: MLP to the width, a learned null caption for CFG
+        self.caption_proj = (nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"),
+                                           nn.Linear(d, d)) if text else None)
+        self.null_caption = nn.Parameter(torch.zeros(cfg.text_len, cfg.text_dim)) if text else None
         self.tok_embed = nn.ModuleList(nn.Embedding(v, d) for v in cfg.vocab_sizes)
         self.merge = nn.Linear(k * d, d) if k > 1 else None
         self.token_drop = nn.Dropout(cfg.token_dropout)
@@ -76,13 +108,14 @@ class GPT(nn.Module):
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.out = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.vocab_sizes)
         head_dim = d // cfg.heads
-        self.register_buffer("rope", rope_for_shape(cfg.token_shape, head_dim, cfg.rope_base, prefix=1),
+        self.register_buffer("rope", token_rope(cfg.token_shape, head_dim, cfg.rope_base, cfg.prefix_len),
                              persistent=False)
         self.register_buffer("head_rope", rope_1d(k, head_dim, cfg.rope_base), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for linear and embedding weights, zero biases and output layers."""
+        """Normal(0, init_std) for linear and embedding weights, zero biases and output layers; the
+        null caption ~ N(0, 1 / text_dim) (LlamaGen's uncond_embedding)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=self.cfg.init_std)
@@ -90,6 +123,8 @@ class GPT(nn.Module):
                     nn.init.zeros_(m.bias)
         for out in self.out:
             nn.init.zeros_(out.weight)
+        if self.null_caption is not None:
+            nn.init.normal_(self.null_caption, std=self.cfg.text_dim ** -0.5)
 
     @functools.cached_property  # the config is fixed after construction; forward checks against it
     def token_spec(self) -> TokenSpec:
@@ -97,7 +132,7 @@ class GPT(nn.Module):
         (The resolution belongs to the tokenizer; exports record the tokenizer's full spec.)"""
         cfg = self.cfg
         return TokenSpec(shape=(len(cfg.vocab_sizes), *cfg.token_shape), resolution=0,
-                         vocab_sizes=cfg.vocab_sizes, condition="class")
+                         vocab_sizes=cfg.vocab_sizes, condition=cfg.condition)
 
     def blocks(self) -> Iterable[nn.Module]:
         """The unit of FSDP sharding and activation checkpointing."""
@@ -111,16 +146,65 @@ class GPT(nn.Module):
 
     def embed_labels(self, labels: torch.Tensor, drop: bool = False) -> torch.Tensor:
         """(B,) class ids -> (B, 1, D); ``drop``: replace each by the null class w.p. class_dropout."""
+        if self.cls_embed is None:
+            raise ValueError("this GPT is text-conditional: condition it on text (B, L, text_dim) + text_mask")
         if drop and self.cfg.class_dropout > 0:
             dropped = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout
             labels = torch.where(dropped, torch.full_like(labels, self.null_class), labels)
         return self.cls_embed(labels)[:, None]
 
-    def trunk(self, x: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """Causal transformer over input positions start..start+N-1: (B, N, D) -> (B, N, D)."""
-        rope = self.rope[start:start + x.shape[1]]
+    def caption(self, cond: Condition, drop: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text (B, L, text_dim) + mask (B, L) (None = all real), L <= text_len -> padded to text_len
+        with the padding moved first (real tokens last) and zeroed: (text (B, P, text_dim), mask
+        (B, P) bool); ``drop``: rows -> the null caption (all real) w.p. class_dropout."""
+        cfg = self.cfg
+        if cond.text is None:
+            raise ValueError("this GPT is text-conditional: the Condition needs text (B, L, text_dim) + text_mask")
+        b, length, width = cond.text.shape
+        if length > cfg.text_len or width != cfg.text_dim:
+            raise ValueError(f"text of shape {(length, width)} per sample; this GPT takes at most "
+                             f"({cfg.text_len}, {cfg.text_dim}) (text_len, text_dim)")
+        text = cond.text.to(self.null_caption.dtype)
+        mask = (torch.ones(b, length, dtype=torch.bool, device=text.device) if cond.text_mask is None
+                else cond.text_mask.bool())
+        if length < cfg.text_len:  # pad to text_len; padded positions are masked
+            text = torch.cat([text, text.new_zeros(b, cfg.text_len - length, width)], 1)
+            mask = torch.cat([mask, mask.new_zeros(b, cfg.text_len - length)], 1)
+        # Real tokens last (LlamaGen t2i left-pads): the first image token is predicted from the last
+        # prefix position, which must be a real caption token; padded content is zeroed so it never matters.
+        order = torch.argsort(mask.int(), dim=1, stable=True)
+        text = text.masked_fill(~mask[..., None], 0.0).gather(1, order[..., None].expand(-1, -1, width))
+        mask = mask.gather(1, order)
+        if drop and cfg.class_dropout > 0:
+            dropped = torch.rand(b, device=text.device) < cfg.class_dropout
+            text = torch.where(dropped[:, None, None], self.null_caption.expand(b, -1, -1), text)
+            mask = mask | dropped[:, None]
+        return text, mask
+
+    def embed_condition(self, cond: Condition, drop: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The condition prefix (B, P, D) and its key mask (B, P) bool (None for the class token)."""
+        if self.cfg.condition == "class":
+            return self.embed_labels(self._labels(cond), drop), None
+        text, mask = self.caption(cond, drop)
+        return self.caption_proj(text), mask
+
+    def null_condition(self, batch: int, device: torch.device | str) -> Condition:
+        """The unconditional rows for CFG: the null class, or the learned null caption (all real)."""
+        if self.cfg.condition == "class":
+            return Condition(labels=torch.full((batch,), self.null_class, dtype=torch.long, device=device))
+        text = self.null_caption.detach()[None].expand(batch, -1, -1).to(device)
+        return Condition(text=text, text_mask=torch.ones(text.shape[:2], dtype=torch.bool, device=device))
+
+    def trunk(self, x: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal transformer over input positions start..start+N-1: (B, N, D) -> (B, N, D).
+        ``valid`` (B, >= start+N) bool: which positions may be attended to (padded caption tokens
+        are not); None: all (the plain causal path)."""
+        n = x.shape[1]
+        rope = self.rope[start:start + n]
+        mask = None if valid is None else padded_causal_mask(valid[:, :start + n], n)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope=rope, causal=True, cache=None if caches is None else caches[i])
+            x = layer(x, mask, rope=rope, causal=True, cache=None if caches is None else caches[i])
         return x
 
     def head_logits(self, h: torch.Tensor, codes: torch.Tensor, n: int | None = None,
@@ -140,11 +224,14 @@ class GPT(nn.Module):
 
     # -- training ----------------------------------------------------------------------------
     def forward(self, codes: torch.Tensor, cond: Condition) -> list[torch.Tensor]:
-        """Teacher-forced logits: codes (B, k, *grid), cond.labels (B,) -> k tensors (B, L, V_j)."""
+        """Teacher-forced logits: codes (B, k, *grid), cond.labels (B,) or cond.text (B, L, text_dim)
+        + text_mask (B, L) -> k tensors (B, L_tokens, V_j)."""
         codes = self._flat(codes)
-        labels = self._labels(cond)
-        x = torch.cat([self.embed_labels(labels, drop=self.training), self.embed_codes(codes[:, :, :-1])], 1)
-        return self.head_logits(self.trunk(self.token_drop(x)), codes)
+        prefix, prefix_mask = self.embed_condition(cond, drop=self.training)
+        x = torch.cat([prefix, self.embed_codes(codes[:, :, :-1])], 1)
+        valid = None if prefix_mask is None else _with_tokens(prefix_mask, codes.shape[-1] - 1)
+        h = self.trunk(self.token_drop(x), valid=valid)[:, self.cfg.prefix_len - 1:]
+        return self.head_logits(h, codes)
 
     def _labels(self, cond: Condition) -> torch.Tensor:
         if cond.labels is None:
@@ -172,49 +259,88 @@ class GPT(nn.Module):
         return codes.flatten(2).long()
 
     # -- sampling ----------------------------------------------------------------------------
+    def sample_length(self, num_tokens: int | None) -> int:
+        """Tokens to generate: all, or the first ``num_tokens`` (1..N) of a 1D token sequence."""
+        if num_tokens is None or num_tokens == self.seq_len:
+            return self.seq_len
+        if sum(s != 1 for s in self.cfg.token_shape) > 1:
+            raise ValueError(f"num_tokens={num_tokens}: this generator models a fixed {self.cfg.token_shape} "
+                             f"token grid; it samples all {self.seq_len} tokens")
+        if not 1 <= num_tokens <= self.seq_len:
+            raise ValueError(f"num_tokens={num_tokens}: expected 1..{self.seq_len} (tokens per image)")
+        return int(num_tokens)
+
     @torch.inference_mode()
     def generate(self, cond: Condition, num_tokens: int | None = None, *, guidance: float = 1.0,
                  guidance_schedule: str = "constant", temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> torch.Tensor:
-        """Sample codes (B, k, *grid) for class ids ``cond.labels`` (B,); ``num_tokens`` must be None
-        or the full grid (this generator is fixed-length).
+        """Sample codes (B, k, *grid) for ``cond`` (class ids (B,), or text (B, L, text_dim) + mask);
+        with ``num_tokens`` = K < N (1D sequences only: ordered tokenizers decode any prefix) just
+        the first K tokens, (B, k, K): the loop and the KV cache stop there.
 
-        Classifier-free guidance runs the conditional and the unconditional (null-class) rows in
-        one batch and mixes logits as ``u + s (c - u)``, with ``s`` from ``guidance_schedule``
-        ("constant", or "linear": 1 at the first token rising to ``guidance`` at the last). With
-        ``guidance == 1`` only the conditional rows run. ``use_cache=False`` recomputes the whole
-        prefix at every step (the baseline the KV cache is measured against)."""
-        if num_tokens not in (None, self.seq_len):
-            raise ValueError(f"num_tokens={num_tokens}: this generator always samples {self.seq_len} tokens")
-        labels = self._labels(cond)
+        Classifier-free guidance runs the conditional and the unconditional (null class / null
+        caption) rows in one batch and mixes logits as ``u + s (c - u)``, with ``s`` from
+        ``guidance_schedule`` ("constant", or "linear": 1 at the first token rising to ``guidance``
+        at the last sampled one). With ``guidance == 1`` only the conditional rows run.
+        ``use_cache=False`` recomputes the whole prefix at every step (the baseline the KV cache is
+        measured against)."""
+        length = self.sample_length(num_tokens)
+        b = len(cond)
+        if b == 0:
+            raise ValueError("generate needs a Condition with labels (B,) or text (B, L, text_dim)")
         was_training = self.training
         self.eval()
-        b, k, length = labels.shape[0], self.num_codebooks, self.seq_len
+        k, device = self.num_codebooks, self.rope.device
         cfg = guidance != 1.0
-        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if cfg else labels
-        caches = [KVCache(length) for _ in self.layers] if use_cache else None
-        out = torch.zeros(b, k, length, dtype=torch.long, device=labels.device)
-        new = self.embed_labels(rows)  # (R, 1, D): the inputs not yet seen by the trunk
-        seen = new
+        prefix, prefix_mask = self.embed_condition(cond.to(device))
+        if cfg:
+            null_prefix, null_mask = self.embed_condition(self.null_condition(b, device))
+            prefix = torch.cat([prefix, null_prefix])
+            prefix_mask = None if prefix_mask is None else torch.cat([prefix_mask, null_mask])
+        rows = prefix.shape[0]
+        valid = None if prefix_mask is None else _with_tokens(prefix_mask, length)
+        caches = [KVCache(prefix.shape[1] + length - 1) for _ in self.layers] if use_cache else None
+        out = torch.zeros(b, k, length, dtype=torch.long, device=device)
+        new = seen = prefix  # the inputs not yet seen by the trunk / everything so far
+        pos = 0
         for t in range(length):
             if use_cache:
-                h = self.trunk(new, start=t, caches=caches)[:, -1:]
+                h = self.trunk(new, start=pos, caches=caches, valid=valid)[:, -1:]
             else:
-                h = self.trunk(seen)[:, -1:]
-            sub = torch.zeros(len(rows), k, 1, dtype=torch.long, device=labels.device)
+                h = self.trunk(seen, valid=valid)[:, -1:]
+            pos += new.shape[1]
+            sub = torch.zeros(rows, k, 1, dtype=torch.long, device=device)
             scale = guidance_at(guidance, guidance_schedule, t, length)
             for j in range(k):
-                logits = self.head_logits(h, sub, j + 1, last_only=True)[-1][:, -1]  # (R, V_j)
+                logits = self.head_logits(h, sub, j + 1, last_only=True)[-1][:, -1]  # (rows, V_j)
                 if cfg:
-                    cond, uncond = logits.chunk(2)
-                    logits = uncond + scale * (cond - uncond)
+                    cond_logits, uncond = logits.chunk(2)
+                    logits = uncond + scale * (cond_logits - uncond)
                 token = sample_logits(logits, temperature, top_k, top_p, generator)  # (B,)
                 out[:, j, t] = token
                 sub[:, j, 0] = token.repeat(2) if cfg else token
-            new = self.embed_codes(sub)
-            if not use_cache:
-                seen = torch.cat([seen, new], dim=1)
+            if t + 1 < length:  # the last token is never fed back: the cache ends at prefix + K - 1
+                new = self.embed_codes(sub)
+                if not use_cache:
+                    seen = torch.cat([seen, new], dim=1)
         self.train(was_training)
+        if length < self.seq_len:
+            return out.view(b, k, *self.cfg.token_shape[:-1], length)
         return out.view(b, k, *self.cfg.token_shape)
 
+
+def _with_tokens(prefix_mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Key validity (B, P + tokens): the prefix's mask, then ``tokens`` always-valid token positions."""
+    return torch.cat([prefix_mask, prefix_mask.new_ones(prefix_mask.shape[0], tokens)], 1)
+
+
+def padded_causal_mask(valid: torch.Tensor, queries: int) -> torch.Tensor:
+    """Attention mask (B, 1, queries, K) bool, True = attend: causal for the last ``queries`` of K
+    positions, keys with ``valid`` (B, K) False masked; every query sees itself, so a padded caption
+    position has a defined (and unread) output instead of an empty softmax."""
+    keys = valid.shape[1]
+    allowed = causal_mask(queries, keys, valid.device)[None] & valid[:, None, :]
+    q = torch.arange(queries, device=valid.device)
+    allowed[:, q, keys - queries + q] = True
+    return allowed[:, None]

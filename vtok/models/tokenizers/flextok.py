@@ -18,10 +18,11 @@ return the decoder's velocity prediction, the target ``noise - latents`` and the
 t and noise can all be passed in, so a task can draw them from its own seeded generators. A task
 can equally use ``RectifiedFlow.loss(model.diffusion_net(), latents, model.condition(codes, keep_k))``.
 
-Classifier-free guidance: the null condition is keep_k = 0, i.e. every register is the learned
-mask token (no extra parameter; it is the k -> 0 end of nested dropout). Training sends a sample
-to it with probability ``null_prob``. Decoding with guidance runs [cond; null] rows in one call
-and supports APG (``Guidance(scale=7.5, apg=True)``: momentum -0.5, norm threshold 2.5, eta 0).
+Classifier-free guidance: the null condition is keep_k = 0, i.e. every register is one learned null
+token (the official decoder's null condition replaces the whole register sequence after nested
+dropout). Training sends a sample to it with probability ``null_prob``. Decoding with guidance
+runs [cond; null] rows in one call and supports APG (``Guidance(scale=7.5, apg=True)``: momentum
+-0.5, norm threshold 2.5, eta 0).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class FlexTokConfig:
     decoder_width: int = 768
     head_dim: int = 64  # heads = width / head_dim
     mlp_ratio: float = 4.0  # SwiGLU hidden int(2/3 * ratio * width) = int(8D/3)
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-5  # official Fp32LayerNorm: nn.LayerNorm's default
     fsq: FSQ.Config = field(default_factory=FSQ.Config)
     nested_dropout: str = "pow2"  # keep_k per image: "uniform" 1..R | "pow2" | "uniform_pow2" | "none" (R)
     null_prob: float = 0.1  # training: P(keep_k = 0, the CFG null condition); unverified for FlexTok
@@ -198,7 +199,7 @@ class FlexTok(nn.Module):
         return Condition(extra={"codes": codes, "keep_k": keep_k.long()})
 
     def null_condition(self, batch: int, device: torch.device | str | None = None) -> Condition:
-        """The CFG null condition: every register masked (keep_k = 0)."""
+        """The CFG null condition: keep_k = 0, every register the null token."""
         device = device if device is not None else self.decoder.mask_token.device
         codes = torch.zeros(batch, self.cfg.num_registers, self.quantizer.dim, device=device)
         return self.condition(codes, torch.zeros(batch, dtype=torch.long, device=device))

@@ -12,9 +12,12 @@ affine-free LN + zero-initialised Linear(D, code_dim) on the registers (the FSQ 
 Decoder: [noised patches + positions | Linear(code_dim, D)(register codes) + learned register
 positions], full attention, adaLN-Zero with one modulation head for the patches and one for the
 registers (``GroupedAdaLNBlock``), DiT time embedding with max_period 256 on ``t * time_scale``,
-adaLN output layer (zero-initialised) to p*p*C per patch. Nested dropout: registers at positions
->= keep_k (per sample) are replaced by ONE learned mask token before the positions are added;
-keep_k = 0 (every register masked) is the null condition used for classifier-free guidance.
+adaLN output layer (zero-initialised; its affine-free fp32 LayerNorm has the blocks' eps, as the
+official ``ToPatchesLinearHead``) to p*p*C per patch. As in the official decoder (module order
+positions -> ``MaskedNestedDropout`` -> null condition), the register positions are added first and
+then registers at positions >= keep_k (per sample) become ONE learned mask token, with no position;
+keep_k = 0 is the null condition for classifier-free guidance: every register is one learned null
+token (the official ``LearnedNullCond``; a null token of zeros is its ``ZeroNullCond``).
 Optional REPA projector (Linear(D, 2048) - SiLU - Linear(2048, 2048) - SiLU - Linear(2048, z)) on
 the patch tokens after decoder block ``repa_depth``.
 """
@@ -41,7 +44,7 @@ class FlexTokEncoder(nn.Module):
     """patches (B, P, in_dim) -> pre-quantization register codes (B, R, code_dim)."""
 
     def __init__(self, *, in_dim: int, grid: int, num_registers: int, code_dim: int, width: int, depth: int,
-                 head_dim: int = 64, mlp_ratio: float = 4.0, eps: float = 1e-6):
+                 head_dim: int = 64, mlp_ratio: float = 4.0, eps: float = 1e-5):
         super().__init__()
         if width % head_dim:
             raise ValueError(f"encoder width {width} is not a multiple of the head dim {head_dim}")
@@ -88,7 +91,7 @@ class FlexTokDecoder(nn.Module):
     (prediction (B, P, in_dim), REPA features (B, P, repa_dim) or None)."""
 
     def __init__(self, *, in_dim: int, grid: int, num_registers: int, code_dim: int, width: int, depth: int,
-                 head_dim: int = 64, mlp_ratio: float = 4.0, eps: float = 1e-6, time_scale: float = 1000.0,
+                 head_dim: int = 64, mlp_ratio: float = 4.0, eps: float = 1e-5, time_scale: float = 1000.0,
                  time_max_period: float = 256.0, repa_depth: int = 0, repa_dim: int = 0, repa_hidden: int = 2048):
         super().__init__()
         if width % head_dim:
@@ -102,20 +105,22 @@ class FlexTokDecoder(nn.Module):
         self.code_embed = nn.Linear(code_dim, width)
         self.register_pos = nn.Parameter(torch.zeros(num_registers, width))
         self.mask_token = nn.Parameter(torch.zeros(width))
+        self.null_token = nn.Parameter(torch.zeros(width))
         self.t_embedder = TimestepEmbedder(width, max_period=time_max_period)
         self.layers = nn.ModuleList(GroupedAdaLNBlock(width, width // head_dim, 2, mlp_ratio=mlp_ratio, eps=eps)
                                     for _ in range(depth))
         self.final_layer = FinalLayer(width, in_dim)
+        self.final_layer.norm_final = make_norm(NORM, width, eps)  # official: Fp32LayerNorm, eps as the blocks
         self.repa_projector = (nn.Sequential(nn.Linear(width, repa_hidden), nn.SiLU(),
                                              nn.Linear(repa_hidden, repa_hidden), nn.SiLU(),
                                              nn.Linear(repa_hidden, repa_dim)) if repa_depth else None)
 
     def reset_parameters(self) -> None:
         """xavier Linear weights (time MLP included, as the official embedder), zero biases; register
-        positions and mask token ~ N(0, 0.02); zero adaLN modulations and output layer."""
+        positions, mask and null tokens ~ N(0, 0.02); zero adaLN modulations and output layer."""
         _xavier(self)
-        nn.init.normal_(self.register_pos, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
+        for p in (self.register_pos, self.mask_token, self.null_token):
+            nn.init.normal_(p, std=0.02)
         for layer in self.layers:
             layer.reset_parameters()
         self.final_layer.reset_parameters()
@@ -123,18 +128,21 @@ class FlexTokDecoder(nn.Module):
             self.pos_embed.copy_(sincos_2d(self.pos_embed.shape[1], self.grid))
 
     def embed_registers(self, codes: torch.Tensor, keep_k: torch.Tensor) -> torch.Tensor:
-        """codes (B, R', code_dim), keep_k (B,) -> register tokens (B, R, D): Linear(codes) at positions
-        < keep_k, the mask token elsewhere (nested dropout; keep_k = 0 is the null condition), plus
-        the register positions."""
+        """codes (B, R', code_dim), keep_k (B,) -> register tokens (B, R, D): Linear(codes) + the
+        register positions at positions < keep_k, the bare mask token elsewhere (nested dropout after
+        the positions, as the official decoder); keep_k = 0 (the null condition): the null token at
+        every position."""
         b, n = codes.shape[:2]
         if n > self.num_registers:
             raise ValueError(f"{n} register codes; this decoder takes at most {self.num_registers}")
         h = self.code_embed(codes.to(self.code_embed.weight.dtype))
         if n < self.num_registers:
             h = torch.cat([h, h.new_zeros(b, self.num_registers - n, h.shape[-1])], dim=1)
-        keep = torch.arange(self.num_registers, device=h.device)[None] < keep_k.to(h.device).view(-1, 1)
+        h = h + self.register_pos.to(h.dtype)
+        keep_k = keep_k.to(h.device).view(-1, 1)
+        keep = torch.arange(self.num_registers, device=h.device)[None] < keep_k
         h = torch.where(keep[..., None], h, self.mask_token.to(h.dtype))
-        return h + self.register_pos.to(h.dtype)
+        return torch.where((keep_k == 0)[..., None], self.null_token.to(h.dtype), h)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, codes: torch.Tensor, keep_k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
