@@ -72,11 +72,12 @@ def test_flextok_learns_coarse_to_fine_and_exports(shards, tmp_path, one_thread)
     rec = {k: model.decode(ids, num_tokens=k, steps=10, noise=noise) for k in (0, 1, 16)}
     mse = {k: float((r - x).pow(2).mean()) for k, r in rec.items()}
     colour = {k: float((dominant_colour(to_uint8(r)) == colour_of_class(classes)).mean()) for k, r in rec.items()}
-    # Measured (EMA export, 48 held-out shapes, 10 Euler steps): MSE 0.241 with no token (k=0), 0.211 at
-    # k=1, 0.201 at k=16; dominant colour matches the input in 15% / 33% / 46% (chance 17%). At 400
-    # steps the gaps were 0.019 / 0.006 and k=1 matched 25%; a constant lr for 1200 steps: 31%.
-    assert mse[0] - mse[1] > 0.015 and mse[1] - mse[16] > 0.004, mse
-    assert colour[1] > 0.25 and colour[1] > colour[0] + 0.1, (
+    # Measured (EMA export, 48 held-out shapes, 10 Euler steps; the null condition is its own learned
+    # token, the mask token carries no register position, as in ml-flextok): MSE 0.2302 with no token
+    # (k=0), 0.2251 at k=1, 0.2228 at k=16; dominant colour matches the input in 17% / 56% / 58%
+    # (chance 17%). (Before those two fixes: MSE 0.241 / 0.211 / 0.201, colour 15% / 33% / 46%.)
+    assert mse[0] - mse[1] > 0.0025 and mse[1] - mse[16] > 0.001, mse
+    assert colour[1] > 0.4 and colour[1] > colour[0] + 0.25, (
         f"k=1 reconstructions have the input's colour in {colour[1]:.0%} (chance 17%)", colour)
 
 
