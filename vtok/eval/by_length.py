@@ -15,6 +15,7 @@ order is fixed for a given data set and batch size).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -93,8 +94,7 @@ def check_lengths(lengths: list[int] | None, num_tokens: int) -> list[int]:
 def latent_codec(meta: dict[str, Any], device: torch.device) -> Codec:
     """(images (B, 3, H, W) in [-1, 1] -> latents, latents -> images) from a tokenizer export's
     metadata, the way the flextok task encodes and decodes (``vae``: ``identity`` or a diffusers dir)."""
-    from vtok.tasks.dit import make_decoder
-    from vtok.tasks.flextok import IDENTITY, FrozenVAEEncoder
+    from vtok.tasks.flextok import IDENTITY, FrozenVAEEncoder, latents_to_images
 
     vae = meta.get("vae", "")
     if vae == IDENTITY:
@@ -104,8 +104,7 @@ def latent_codec(meta: dict[str, Any], device: torch.device) -> Codec:
         raise EvalError(f"the tokenizer export {where}: its tokens decode to latents; import it with "
                         "`vtok import flextok CKPT --vae VAE_DIR` (a local diffusers AutoencoderKL)")
     encoder = FrozenVAEEncoder(vae).to(device)
-    decoder = make_decoder({"source": "latents", "vae": vae, "latent_scaling": meta.get("latent_scaling", 1.0),
-                            "latent_shift": meta.get("latent_shift", 0.0)}, device=device)
+    decoder = latents_to_images(meta, device)
     return (lambda x: encoder(x.to(device))), decoder
 
 
@@ -222,11 +221,10 @@ def plot_by_length(table: list[dict[str, Any]], path: str | Path) -> Path:
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     for i, m in enumerate(metrics):
         _panel(draw, i * PANEL_W, LABELS[m], ks, [float(row[m]) for row in table], font)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 __all__ = ["DecodeOptions", "check_lengths", "parse_lengths", "evaluate_by_length", "latent_codec", "plot_by_length"]

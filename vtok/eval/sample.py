@@ -121,7 +121,7 @@ def token_decoder(export: Export, device: torch.device | str, opts: SampleOption
     export names ("identity" or none: the decoded latents are the images). One-line EvalError when
     that VAE is missing."""
     from vtok.models.diffusion import Guidance
-    from vtok.tasks.dit import make_decoder
+    from vtok.tasks.flextok import IDENTITY, latents_to_images
 
     opts = opts or SampleOptions()
     tokenizer, kwargs = export.model, {}
@@ -131,15 +131,13 @@ def token_decoder(export: Export, device: torch.device | str, opts: SampleOption
         log.warning("--decode-steps / --decode-guidance / --decode-apg have no effect: %s decodes in one pass",
                     export.arch)
     vae = export.meta.get("vae", "")
-    if not vae or vae == "identity":
+    if not vae or vae == IDENTITY:
         return lambda codes: tokenizer.decode(codes.to(device), **kwargs)
-    latents_to_images = make_decoder({"source": "latents", "vae": vae, "latent_scaling":
-                                      export.meta.get("latent_scaling", 1.0), "latent_shift":
-                                      export.meta.get("latent_shift", 0.0)}, device=device)
-    if latents_to_images is None:
+    to_images = latents_to_images(export.meta, device)
+    if to_images is None:
         raise EvalError(f"the tokenizer export's VAE ({vae}) is not there: its decoded latents cannot become "
                         "images; put the VAE there or re-export the tokenizer naming it")
-    return lambda codes: latents_to_images(tokenizer.decode(codes.to(device), **kwargs))
+    return lambda codes: to_images(tokenizer.decode(codes.to(device), **kwargs))
 
 
 def check_pair(gen_spec: TokenSpec, tok_spec: TokenSpec) -> None:

@@ -66,10 +66,10 @@ class CodesJob(Job):
         export = load_export(self.opts.tokenizer, "tokenizer", device)
         self.model, self.device = export.model, device
         vae = export.meta.get("vae", "")
-        if vae and vae != "identity":  # FlexTok trained on VAE latents: images -> latents -> ids
-            from vtok.tasks.flextok import FrozenVAEEncoder
+        if vae:  # a FlexTok export: images -> latents (unless "identity") -> ids
+            from vtok.tasks.flextok import IDENTITY, FrozenVAEEncoder
 
-            self.vae = FrozenVAEEncoder(vae).to(device)
+            self.vae = None if vae == IDENTITY else FrozenVAEEncoder(vae).to(device)
         self.spec = export.token_spec.at(self.opts.resolution)  # one-line error for a wrong resolution
         self.dtype = code_dtype(self.spec)
 

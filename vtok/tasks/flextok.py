@@ -109,6 +109,20 @@ class FrozenVAEEncoder(nn.Module):
         return (mean.float() - self.shift) * self.scale
 
 
+def latents_to_images(meta: dict[str, Any], device: torch.device | str = "cpu"
+                      ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Decoded latents (B, C, h, w) -> images (B, 3, H, W) from ``meta``'s ``vae`` / ``latent_scaling``
+    / ``latent_shift`` (a flextok source or export): the identity for "identity" (the pixels are the
+    latents), else the local diffusers VAE's decoder; None when that VAE is not there."""
+    if meta.get("vae") == IDENTITY:
+        return lambda z: z.float()
+    from vtok.tasks.dit import make_decoder
+
+    return make_decoder({"source": "latents", "vae": meta.get("vae", ""), "latent_scaling":
+                         meta.get("latent_scaling", 1.0), "latent_shift": meta.get("latent_shift", 0.0)},
+                        device=device)
+
+
 def keyed_keep_k(draws: KeyedDraws, num_registers: int, mode: str, null_prob: float) -> torch.Tensor:
     """Nested-dropout keep counts (B,) int64 from per-sample keyed draws, with the distributions of
     ``vtok.models.tokenizers.flextok.sample_keep_k``; always consumes one integer and one uniform
@@ -287,15 +301,8 @@ class FlexTokTask(TrainTask):
             model.train(was)
 
     def _image_decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        if self.source["vae"] == IDENTITY:
-            return lambda z: z.float()
-        from vtok.tasks.dit import make_decoder
-
-        device = self._eval_latents.device
-        meta = {"source": "latents", "vae": self.source["vae"], "latent_scaling": self.source["latent_scaling"],
-                "latent_shift": self.source["latent_shift"]}
         try:
-            return make_decoder(meta, device=torch.device(device.type))
+            return latents_to_images(self.source, torch.device(self._eval_latents.device.type))
         except ImportError:
             return None
 

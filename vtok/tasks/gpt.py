@@ -119,7 +119,6 @@ class GPTTask(TrainTask):
         logits = self.modules["gpt"](codes, self.conditions.from_batch(batch))
         return self.unwrapped("gpt").loss_from_logits(logits, codes)
 
-
     @torch.no_grad()
     def evaluate(self, step: int, run_dir: str) -> dict[str, float]:
         """Samples for the grid rows (classes, or the first captions seen): code usage per
