@@ -151,3 +151,25 @@ def test_published_encoder_and_decoder_split(name, encoder, decoder):
     assert abs(count["encoder"] - encoder) / encoder < 0.01 and abs(count["decoder"] - decoder) / decoder < 0.01
     assert sum(p.numel() for p in model.parameters()) == sum(count.values())  # FSQ has no parameters
     assert MODELS[name].params is not None
+
+
+def test_export_without_the_null_token_fails_in_one_line_naming_file_keys_and_fix(tmp_path):
+    """Exports written before the learned null token (``decoder.null_token``) conditioned the decoder
+    differently (null = every register masked, masked registers kept their positions), so they are
+    refused, not loaded with a made-up null token; a complete export still loads."""
+    from safetensors.torch import load_file, save_file
+
+    from vtok.models.export import ExportError, load_export, save_export
+
+    model = tiny()
+    weights = save_export(tmp_path / "tok", model, "flextok-tiny", meta={"vae": "identity", "source": "image"})
+    loaded = load_export(tmp_path / "tok", "tokenizer").model
+    torch.testing.assert_close(loaded.decoder.null_token, model.decoder.null_token)
+    state = load_file(str(weights))
+    del state["decoder.null_token"]
+    save_file(state, str(weights))
+    with pytest.raises(ExportError) as err:
+        load_export(tmp_path / "tok", "tokenizer")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{weights}: missing keys: 1 ('decoder.null_token')"), msg
+    assert "`vtok export RECIPE --out DIR`" in msg and "retrain" in msg

@@ -1,7 +1,7 @@
 """The `flextok` TrainTask: a tiny FlexTok on pixels (identity "VAE") learns the synthetic shapes,
 coarse to fine (k = 1 token gets the colour, all tokens get the shape better); the export round
-trips through load_export; 2 ranks (DDP, FSDP2 with activation checkpointing) follow the
-single-process trajectory; bad recipes fail with one-line RecipeErrors."""
+trips through load_export; 2 ranks (DDP, FSDP2 with activation checkpointing, DeepSpeed ZeRO-2)
+follow the single-process trajectory; bad recipes fail with one-line RecipeErrors."""
 import json
 
 import numpy as np
@@ -97,11 +97,14 @@ def single_flextok(shards, tmp_path_factory):
     return _flextok_run(shards, tmp_path_factory.mktemp("flextok1") / "one")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "deepspeed"])
 def test_two_ranks_follow_the_single_process_trajectory(shards, single_flextok, tmp_path, strategy):
     """t, noise, keep_k and the null dropout are keyed by sample and step, so 2 ranks x 4 samples
     draw what 1 process x 8 draws. FSDP2 runs with activation checkpointing and decodes the
-    coarse-to-fine grid in lockstep (every rank decodes, rank 0 writes)."""
+    coarse-to-fine grid in lockstep (every rank decodes, rank 0 writes). DeepSpeed runs at its
+    default ZeRO stage 2 (the EMA needs unpartitioned parameters)."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
     extra = (["train.activation_checkpointing=true", "train.eval_every=2", "model.eval_steps=2",
               "model.eval_images=2"] if strategy == "fsdp2" else [])
     metrics = _flextok_run(shards, tmp_path / "two", f"parallel.strategy={strategy}", "data.batch_size=4",

@@ -254,3 +254,30 @@ def test_text_condition_errors(flextok_codes, tmp_path):
         Trainer(recipe(codes_dir, tmp_path / "b", "model.condition=image"))
     with pytest.raises(RecipeError, match=r"model.eval_num_tokens=17: expected 0 \(off\) or.* 1\.\.16"):
         Trainer(recipe(codes_dir, tmp_path / "c", "model.eval_num_tokens=17"))
+
+
+@pytest.mark.parametrize("name, condition, params", [
+    ("gpt_b_flextok", "class", 184_026_624),   # LlamaGen GPT-B 110,888,448 + 2 x (64,000 - 16,384) x 768
+    ("gpt_xl_flextok", "class", 896_596_480),  # LlamaGen GPT-XL 774,699,520 + 2 x 47,616 x 1,280
+    ("gpt_xl_flextok_t2i", "text", 899_823_360),
+])
+def test_full_size_flextok_recipes_size_the_gpt_from_codes_json(tmp_path, name, condition, params):
+    """The full-size recipes on FlexTok d18-d28 codes (built on meta from a codes.json of FlexTok's
+    token spec, and a 120 x 2048 T5-XL text-emb.json): 256 positions, vocabulary 64,000."""
+    import torch.nn as nn
+
+    from vtok.config import load_section
+    from vtok.tasks.gpt import GPTTask
+
+    spec = TokenSpec(shape=(1, 256), resolution=256, vocab_sizes=(64000,), ordered=True, variable_length=True)
+    (tmp_path / "codes.json").write_text(json.dumps({"token_spec": spec.to_dict(), "resolution": 256}))
+    (tmp_path / "text-emb.json").write_text(json.dumps({"shape": [120, 2048], "d_model": 2048}))
+    path = ROOT / "recipes" / "gpt" / f"{name}.yaml"
+    rec = load_recipe(path, [f"data.train_shards={tmp_path}", f"model.codes_meta={tmp_path / 'codes.json'}"])
+    with torch.device("meta"):
+        gpt: nn.Module = GPTTask.build_export(load_section(GPTTask.Config, rec.model, "model.", str(path)), rec)
+    assert gpt.token_spec.shape == (1, 256) and gpt.cfg.vocab_sizes == (64000,) and gpt.cfg.condition == condition
+    if condition == "text":
+        assert (gpt.cfg.text_len, gpt.cfg.text_dim) == (120, 2048)
+    assert sum(p.numel() for p in gpt.parameters()) == params
+    assert rec.train.global_batch_size == 256 and rec.train.optim["main"].lr == 1e-4

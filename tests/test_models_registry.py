@@ -32,6 +32,8 @@ def test_full_size_builds_on_meta_with_published_count(name):
     spec = model.token_spec
     if MODELS[name].kind == "tokenizer" and spec.variable_length:  # FlexTok: 1..256 ordered 1D tokens
         assert isinstance(model, Tokenizer) and spec.resolution == 256 and spec.shape == (1, 256)
+    elif MODELS[name].kind == "tokenizer" and not spec.discrete:  # TexTok: N continuous 1D tokens of d = 8
+        assert isinstance(model, Tokenizer) and spec.resolution in (256, 512) and spec.shape[1:] == (spec.dim,)
     elif MODELS[name].kind == "tokenizer":
         assert isinstance(model, Tokenizer) and spec.resolution == 256
         assert spec.shape[1:] in ((16, 16), (32, 32))  # 256 px at x16 / x8
@@ -57,7 +59,8 @@ def tensors(out) -> list[torch.Tensor]:
 def inputs(model, b: int = 2):
     """A batch the model trains on: images for tokenizers, (tokens, condition) for generators,
     (noisy tokens, condition, times in [0, 1]) for generators of continuous tokens (diffusion);
-    latents (B, C, S, S) for tokenizers that work on VAE latents."""
+    latents (B, C, S, S) for tokenizers that work on VAE latents; images and a caption condition for
+    tokenizers that read text (TexTok)."""
     spec = model.token_spec
     if isinstance(model, Generator) and not spec.discrete:
         return torch.randn(b, *spec.shape), Condition(labels=torch.arange(b)), torch.rand(b)
@@ -66,6 +69,9 @@ def inputs(model, b: int = 2):
         return tokens, Condition(labels=torch.arange(b))
     # tokenizers on VAE latents (FlexTok) say what they take with ``input_shape``; others take images
     shape = getattr(model, "input_shape", (3, spec.resolution, spec.resolution))
+    if spec.condition == "text":
+        text, mask = torch.randn(b, 5, model.cfg.text_dim), torch.arange(5) < torch.randint(1, 6, (b, 1))
+        return torch.rand(b, *shape) * 2 - 1, Condition(text=text, text_mask=mask)
     return (torch.rand(b, *shape) * 2 - 1,)
 
 
@@ -87,12 +93,12 @@ def test_tiny_sibling_trains_exports_and_keeps_its_contract(name, tmp_path):
     assert loaded.arch == name and loaded.token_spec == model.token_spec
     spec = model.token_spec
     if MODELS[name].kind == "tokenizer":
-        (x,) = batch
-        tokens = loaded.model.encode(x)
-        assert torch.equal(tokens, model.encode(x)) and tokens.shape == (2, *spec.shape)
-        assert int(tokens.max()) < min(spec.vocab_sizes)
-        images = loaded.model.decode(tokens)
-        torch.testing.assert_close(images, model.decode(tokens))
+        x, cond = batch[0], (batch[1] if len(batch) > 1 else None)
+        tokens = loaded.model.encode(x, cond)
+        assert torch.equal(tokens, model.encode(x, cond)) and tokens.shape == (2, *spec.shape)
+        assert not spec.discrete or int(tokens.max()) < min(spec.vocab_sizes)
+        images = loaded.model.decode(tokens, cond)
+        torch.testing.assert_close(images, model.decode(tokens, cond))
         assert images.shape == x.shape
     else:
         cond = Condition(labels=torch.tensor([0, 1]))

@@ -1,7 +1,7 @@
 """The adversarial half of a tokenizer task, with a pluggable discriminator.
 
 A tokenizer task owns one ``Adversarial``: it builds the discriminator named by ``AdversarialConfig.disc``
-(a ``DISCRIMINATORS`` entry: PatchGAN now, StyleGAN next), adds the generator's GAN term to the
+(a ``DISCRIMINATORS`` entry: "patchgan" or "stylegan"), adds the generator's GAN term to the
 reconstruction objective, remembers this step's reconstructions per micro-batch and computes the
 discriminator phase's loss on them::
 
@@ -11,6 +11,9 @@ discriminator phase's loss on them::
     d, metrics = adv.discriminator_loss(disc, x, regenerate=lambda: model(x).reconstruction)
 
 ``disc`` is the (possibly wrapped) module the task calls; ``adv.discriminator`` is the raw one.
+With ``r1_weight`` > 0 the discriminator loss adds StyleGAN2's R1 penalty on the real images,
+``r1_weight / 2 * E||grad_x D(x)||^2`` (``r1_weight`` is StyleGAN2's gamma; metrics["r1"] is the
+expectation without the factor).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from torch import nn
 from vtok.config import RecipeError
 from vtok.losses.gan import (LeCAM, PatchGANDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss,
                              non_saturating_d_loss, non_saturating_g_loss)
+from vtok.losses.stylegan_disc import StyleGANDiscriminator, r1_from_logits
 
 GAN_LOSSES: dict[str, tuple[Callable, Callable]] = {
     "hinge": (hinge_d_loss, hinge_g_loss),
@@ -45,6 +49,13 @@ def _patchgan(ndf: int, n_layers: int) -> nn.Module:
     return PatchGANDiscriminator(ndf, n_layers)
 
 
+@register_discriminator("stylegan")
+def _stylegan(ndf: int, n_layers: int) -> nn.Module:
+    """StyleGAN2's residual discriminator: ``n_layers`` downsampling blocks, so images of
+    4 * 2 ** n_layers px (TexTok at 256 px: ndf 128, layers 6), channels ndf x [1, 2, 4, 4, 4, 4]."""
+    return StyleGANDiscriminator(ndf, n_layers)
+
+
 @dataclass
 class AdversarialConfig:
     disc: str = "patchgan"  # a DISCRIMINATORS name
@@ -53,8 +64,9 @@ class AdversarialConfig:
     adaptive: bool = False  # VQGAN's balance by last-layer gradient norms
     lecam_weight: float = 0.0
     lecam_decay: float = 0.999
-    ndf: int = 64
-    layers: int = 3
+    ndf: int = 64  # channel base
+    layers: int = 3  # PatchGAN: conv layers; StyleGAN: downsampling blocks (log2(resolution / 4))
+    r1_weight: float = 0.0  # StyleGAN2's gamma: D loss += gamma / 2 * E||grad_x D(real)||^2; 0 = off
 
 
 class Discriminator(nn.Module):
@@ -118,9 +130,15 @@ class Adversarial:
         if fake is None:  # not remembered (e.g. the generator phase was skipped): recompute
             with torch.no_grad():
                 fake = regenerate()
-        real_logits, fake_logits = disc(real), disc(fake.detach())
+        r1 = self.cfg.r1_weight > 0
+        real_in = real.detach().requires_grad_(True) if r1 else real
+        real_logits, fake_logits = disc(real_in), disc(fake.detach())
         loss = self.d_loss(real_logits, fake_logits)
         metrics = {"logits_real": real_logits.detach().mean(), "logits_fake": fake_logits.detach().mean()}
+        if r1:  # one forward on the reals serves the loss and the penalty
+            penalty = r1_from_logits(real_logits, real_in)
+            loss = loss + 0.5 * self.cfg.r1_weight * penalty
+            metrics["r1"] = penalty.detach()
         if self.cfg.lecam_weight > 0:
             reg = self.discriminator.lecam(real_logits, fake_logits)
             loss = loss + self.cfg.lecam_weight * reg

@@ -131,6 +131,9 @@ def load_export(export_dir: str | Path, kind: str | None = None, device: torch.d
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types on truncated / foreign files
         raise ExportError(f"{weights} is not a readable safetensors file ({e}); re-export it") from None
+    stale = getattr(model, "stale_state", None)  # weights a model class knows an older vtok wrote
+    if stale is not None and (why := stale(state)):
+        raise ExportError(f"{weights}: {why}")
     load_state_dict_strict(model, state, str(weights))
     return Export(model.to(device).eval(), config["kind"], arch, TokenSpec.from_dict(config["token_spec"]), config)
 

@@ -15,6 +15,7 @@ from vtok.models.generators import GPT, DiT, DiTConfig, GPTConfig
 from vtok.models.quant import FSQ, L2VectorQuantizer
 from vtok.models.tokenizers.flextok import FlexTok, FlexTokConfig
 from vtok.models.tokenizers.fqgan import FQGAN, FQGANConfig
+from vtok.models.tokenizers.textok import TexTok, TexTokConfig
 from vtok.models.tokenizers.vqgan import CNNConfig
 
 
@@ -106,6 +107,27 @@ def flextok(encoder_depth: int, decoder_depth: int, params: int | None, source: 
     return Entry(FlexTok, cfg, params, source)
 
 
+def textok(resolution: int, n: int, params: int | None = None, source: str = "", **kw) -> Entry:
+    """TexTok-B (ViT-B tokenizer + detokenizer) at ``resolution`` px with ``n`` tokens of d = 8: patch 8
+    and T5-XL text (2048) at 256 px, patch 16 and T5-XXL (4096) at 512 px (shared/PAPERS.md); ``kw``
+    overrides config fields (``text_dim=0``: the no-text baseline)."""
+    patch, text_dim = {256: (8, 2048), 512: (16, 4096)}[resolution]
+    cfg = TexTokConfig(**{**dict(image_size=resolution, patch_size=patch, num_tokens=n, text_dim=text_dim), **kw})
+    return Entry(TexTok, cfg, params, source)
+
+
+def textok_pair(name: str, resolution: int, n: int, params: int | None = None, source: str = "", **kw
+                ) -> dict[str, Entry]:
+    """``name`` (text-conditioned) and ``name-notext`` (the same class with ``text_dim=0``)."""
+    baseline = f"{source} no-text baseline".strip()
+    return {name: textok(resolution, n, params, source, **kw),
+            f"{name}-notext": textok(resolution, n, None, baseline, **{**kw, "text_dim": 0})}
+
+
+# 64 px in 8x8 patches, 32 tokens of d = 8 (dit-tiny-1d's token shape), a 32-wide random-T5 text
+TINY_TEXTOK = dict(width=64, depth=2, heads=2, text_dim=32, text_len=16)
+TEXTOK_B = 175_338_440  # TexTok-B 256 px N=128 T5-XL, counted here (paper: ~176M; see textok.py)
+
 # 8x8x4 latents (64 px at x8) in 2x2 patches, 16 registers over FSQ [8, 5, 5, 5] (1,000 codes)
 TINY_FLEXTOK = dict(encoder_width=64, decoder_width=64, head_dim=32, latent_channels=4, latent_size=8,
                     num_registers=16, fsq=FSQ.Config(levels=(8, 5, 5, 5)), nested_dropout="uniform")
@@ -128,6 +150,14 @@ MODELS: dict[str, Entry] = {
     "flextok-d18-d18": flextok(18, 18, 865_320_000, "FlexTok d18-d18: 287.03M + 578.29M"),
     "flextok-d18-d28": flextok(18, 28, 2_456_310_000, "FlexTok d18-d28: 287.03M + 2169.28M"),
     "flextok-tiny": flextok(2, 2, None, **TINY_FLEXTOK),
+    # TexTok (no official code; layout and count in vtok/models/tokenizers/textok.py), each with its no-text twin
+    **textok_pair("textok-b-256-n32", 256, 32, source="TexTok-B 256 px N=32"),
+    **textok_pair("textok-b-256-n64", 256, 64, source="TexTok-B 256 px N=64"),
+    **textok_pair("textok-b-256-n128", 256, 128, TEXTOK_B, "TexTok-B 256 px N=128 (paper: ~176M)"),
+    **textok_pair("textok-b-256-n256", 256, 256, source="TexTok-B 256 px N=256"),
+    **textok_pair("textok-b-512-n32", 512, 32, source="TexTok-B 512 px N=32"),
+    **textok_pair("textok-b-512-n128", 512, 128, source="TexTok-B 512 px N=128"),
+    **textok_pair("textok-tiny", 256, 32, image_size=64, patch_size=8, **TINY_TEXTOK),
     # generators (LlamaGen autoregressive/models/gpt.py; FQGAN autoregressive/models/far_*.py)
     "gpt-b": gpt(12, 768, 12, 110_888_448, "LlamaGen GPT-B"),
     "gpt-l": gpt(24, 1024, 16, 342_910_976, "LlamaGen GPT-L"),

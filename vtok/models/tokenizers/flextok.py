@@ -164,6 +164,21 @@ class FlexTok(nn.Module):
         """The latent shape (C, S, S) that ``encode`` takes and ``decode`` returns."""
         return self.cfg.latent_channels, self.cfg.latent_size, self.cfg.latent_size
 
+    def stale_state(self, state: dict[str, torch.Tensor]) -> str:
+        """'' unless ``state`` (an export's weights) comes from a vtok older than the learned null token
+        (``decoder.null_token``): then one line saying so and what to do. Such a decoder was trained
+        with the null condition as "every register masked" and the mask token plus register positions
+        at masked positions, which this decoder cannot express, so the file is not loaded at all."""
+        if "decoder.null_token" in state:
+            return ""
+        from vtok.models.weights import key_names
+
+        missing = [k for k in self.state_dict() if k not in state]
+        return (f"missing keys: {len(missing)} ({key_names(missing)}): written by a vtok before FlexTok's "
+                "learned null token and bare mask token, whose decoder conditions differently and cannot be "
+                "loaded faithfully; re-export with this vtok (`vtok export RECIPE --out DIR`) from a checkpoint "
+                "trained with it (checkpoints from before the change lack the key too: retrain)")
+
     def blocks(self) -> list[nn.Module]:
         """Units for FSDP sharding and activation checkpointing."""
         return [*self.encoder.layers, *self.decoder.layers]
