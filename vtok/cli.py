@@ -8,6 +8,7 @@
     vtok precompute codes --tokenizer DIR ...   image shards -> code shards (resumable, multi-rank)
     vtok precompute captions|text-emb|latents   add caption / T5 text_emb / VAE latents to shards
     vtok sample --generator DIR [--tokenizer DIR] class-conditional samples (GPT / DiT, CFG) -> grid / npz
+    vtok sample --generator DIR --caption TEXT  text-conditional samples (T5 captions, CFG) -> grid / npz
     vtok eval recon --tokenizer DIR ...         PSNR / SSIM / LPIPS / rFID / codebook usage + grid
     vtok eval gen --samples NPZ ...             gFID + Inception Score of generated samples
     vtok data synthetic OUT [--format mds]      write the built-in shapes dataset
@@ -166,13 +167,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from vtok.eval.sample import SampleOptions, run_sample
+    from vtok.eval.sample import SampleOptions, read_captions, run_sample
 
     opts = dataclass_from_args(SampleOptions, args)
     s = run_sample(args.generator, args.tokenizer, args.out, opts, classes=args.classes,
-                   per_class=args.per_class, npz=args.npz)
+                   per_class=args.per_class, npz=args.npz, captions=read_captions(args.caption, args.captions),
+                   per_caption=args.per_caption, t5=args.t5)
     extra = f" + {s['npz']}" if args.npz else ""
     prefix = f" from the first {args.num_tokens} tokens" if args.num_tokens else ""
+    prefix += f" for {s['num_captions']} caption(s)" if s["num_captions"] else ""
     print(summary(f"vtok sample: {s['num_images']} images{prefix} in {s['seconds']:.1f}s ({s['images_per_s']:.2f} "
                   f"img/s) -> {s['grid']}{extra}",
                   [("grid", s["grid"]), ("npz", s["npz"] if args.npz else None),
@@ -328,13 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_args(job, RunnerOptions)
         job.set_defaults(func=cmd_precompute, job=name, **batch_defaults.get(name, {}))
 
-    smp = sub.add_parser("sample", help="class-conditional images from a generator export (gpt / far / dit)")
+    smp = sub.add_parser("sample", help="class- or text-conditional images from a generator export "
+                         "(gpt / far / dit)")
     smp.add_argument("--generator", required=True, help="`vtok export` dir of a gpt / far / dit run")
     smp.add_argument("--tokenizer", default="", help="`vtok export` dir of the tokenizer of its tokens "
                      "(default: the one its export names; a DiT on pixels needs none)")
     smp.add_argument("--out", required=True, help="output dir (samples.png, samples.npz)")
     smp.add_argument("--classes", default="", help="comma-separated class ids (default: all)")
     smp.add_argument("--per-class", type=int, default=4, help="images per class")
+    smp.add_argument("--caption", action="append", metavar="TEXT", help="text-conditional generators: a "
+                     "caption (repeatable; one grid row each)")
+    smp.add_argument("--captions", default="", metavar="FILE", help="text-conditional generators: a file "
+                     "with one caption per line")
+    smp.add_argument("--per-caption", type=int, default=4, help="images per caption")
+    smp.add_argument("--t5", default="", metavar="DIR", help="local T5 encoder dir for the captions (default: "
+                     "the one the generator's training text-emb.json names)")
     add_dataclass_args(smp, SampleOptions, help=missing_help(SampleOptions, SAMPLE_HELP))
     smp.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0 uint8 NHWC) for eval gen")
     smp.set_defaults(func=cmd_sample)

@@ -1,4 +1,4 @@
-"""``vtok sample``: class-conditional images from any exported generator (GPT / FAR or DiT).
+"""``vtok sample``: class- or text-conditional images from any exported generator (GPT / FAR or DiT).
 
 GPT-family exports decode their codes through a tokenizer export (``--tokenizer``, default the one
 named in the generator's export). On a variable-length tokenizer (FlexTok) ``num_tokens`` = K
@@ -7,12 +7,18 @@ generates only the first K tokens and decodes that prefix (the tokenizer's recti
 the identity). DiT exports sample with the diffusion process they were trained
 with (rectified flow: Euler / Heun ODE; DDPM: ancestral on respaced steps) and decode through the
 VAE / tokenizer their export names, or show the samples directly when the DiT models pixels.
-Writes a PNG grid (one row per class when ``per_class`` fits) and optionally an ADM-style ``.npz``
-(``arr_0``: uint8 (N, H, W, 3), ``labels``: (N,)) that ``vtok eval gen`` reads for gFID / IS.
+Text-conditional generators (``condition: text``: the text GPT, DiT-T2I) take captions instead of
+classes: they are encoded by the T5 their export names (or ``--t5``) through the very code of ``vtok
+precompute text-emb`` (same max length, padding and float16 rounding as the training shards); CFG's
+unconditional branch is the generator's learned null caption.
+Writes a PNG grid (one row per class / caption when ``per_class`` fits) and optionally an ADM-style
+``.npz`` (``arr_0``: uint8 (N, H, W, 3), ``labels``: (N,) class ids, or caption indices with
+``captions``: (N,) str) that ``vtok eval gen`` reads for gFID / IS.
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import time
@@ -61,22 +67,29 @@ class SampleOptions:
         "help": "FlexTok decoder: adaptive projected guidance (README: on)"})
 
 
+def condition_rows(cond: torch.Tensor | Condition, start: int, stop: int) -> torch.Tensor | Condition:
+    """Rows ``start:stop`` of labels (N,) or of a Condition (labels / text (N, L, D) / text_mask (N, L))."""
+    if isinstance(cond, torch.Tensor):
+        return cond[start:stop]
+    return Condition(*(None if t is None else t[start:stop] for t in (cond.labels, cond.text, cond.text_mask)))
+
+
 @torch.no_grad()
-def sample_batches(generator: torch.nn.Module, labels: torch.Tensor, opts: SampleOptions,
-                   draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+def sample_batches(generator: torch.nn.Module, labels: torch.Tensor | Condition, opts: SampleOptions,
+                   draw: Callable[[torch.Tensor | Condition, torch.Generator], torch.Tensor],
                    decode: Callable[[torch.Tensor], torch.Tensor], progress: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels (N,) -> (images (N, 3, H, W) in [-1, 1] on CPU, tokens (N, ...) on CPU), ``opts.batch_size``
-    rows at a time: ``draw(rows, rng)`` samples tokens under the autocast dtype, ``decode`` maps them
-    to images. Batch i draws from a generator seeded with ``seed + i``, so a run is reproducible for a
-    fixed batch size."""
+    """Labels (N,) or a Condition of N rows (T5 text (N, L, D) + mask (N, L)) -> (images (N, 3, H, W) in
+    [-1, 1] on CPU, tokens (N, ...) on CPU), ``opts.batch_size`` rows at a time: ``draw(rows, rng)``
+    samples tokens under the autocast dtype, ``decode`` maps them to images. Batch i draws from a
+    generator seeded with ``seed + i``, so a run is reproducible for a fixed batch size."""
     device = next(generator.parameters()).device
     dtype = DTYPES[opts.dtype]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     images, tokens = [], []
     batches = range(0, len(labels), opts.batch_size)
     for i, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
-        rows = labels[start:start + opts.batch_size].to(device)
+        rows = condition_rows(labels, start, start + opts.batch_size).to(device)
         with autocast:
             x = draw(rows, torch.Generator(device).manual_seed(opts.seed + i))
         tokens.append(x.cpu())
@@ -84,17 +97,19 @@ def sample_batches(generator: torch.nn.Module, labels: torch.Tensor, opts: Sampl
     return torch.cat(images), torch.cat(tokens)
 
 
-def sample_images(generator: torch.nn.Module, tokenizer: torch.nn.Module, labels: torch.Tensor,
+def sample_images(generator: torch.nn.Module, tokenizer: torch.nn.Module, labels: torch.Tensor | Condition,
                   opts: SampleOptions, progress: bool = True,
                   decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPT: labels (N,) -> (images (N, 3, H, W) in [-1, 1] on CPU, codes (N, k, *grid), or (N, 1, K)
+    """GPT: labels (N,) or a text Condition of N rows -> (images (N, 3, H, W) in [-1, 1] on CPU,
+    codes (N, k, *grid), or (N, 1, K)
     with ``opts.num_tokens`` = K on a variable-length tokenizer). ``decode``: codes -> images
     (default ``tokenizer.decode``; ``token_decoder`` adds a FlexTok's decoding options and VAE)."""
     check_pair(generator.token_spec, tokenizer.token_spec)
     num_tokens = check_num_tokens(opts.num_tokens, tokenizer.token_spec)
 
-    def draw(rows: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        return generator.generate(Condition(labels=rows), num_tokens=num_tokens, guidance=opts.guidance,
+    def draw(rows: torch.Tensor | Condition, rng: torch.Generator) -> torch.Tensor:
+        cond = rows if isinstance(rows, Condition) else Condition(labels=rows)
+        return generator.generate(cond, num_tokens=num_tokens, guidance=opts.guidance,
                                   guidance_schedule=opts.guidance_schedule, temperature=opts.temperature,
                                   top_k=opts.top_k, top_p=opts.top_p, generator=rng)
 
@@ -169,25 +184,76 @@ def parse_interval(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def sample_diffusion(generator: torch.nn.Module, decode, labels: torch.Tensor, diffusion: dict,
+def sample_diffusion(generator: torch.nn.Module, decode, labels: torch.Tensor | Condition, diffusion: dict,
                      opts: SampleOptions, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """DiT: labels (N,) -> (images (N, 3, H, W) in [-1, 1] on CPU, samples (N, *token_shape)).
+    """DiT: labels (N,) or a text Condition of N rows -> (images (N, 3, H, W) in [-1, 1] on CPU,
+    samples (N, *token_shape)).
     ``decode`` maps samples to images; ``diffusion`` is the export's process settings."""
     from vtok.tasks.dit import sample_dit
 
     interval = parse_interval(opts.guidance_interval)
 
-    def draw(rows: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    def draw(rows: torch.Tensor | Condition, rng: torch.Generator) -> torch.Tensor:
         return sample_dit(generator, rows, diffusion, steps=opts.steps, solver=opts.solver,
                           guidance=opts.guidance, interval=interval, apg=opts.apg, generator=rng).float()
 
     return sample_batches(generator, labels, opts, draw, decode, progress)
 
 
+def read_captions(captions: list[str] | None = None, file: str = "") -> list[str]:
+    """``--caption`` values, then the non-blank lines of ``--captions FILE`` (one caption a line)."""
+    out = list(captions or [])
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise EvalError(f"--captions {file}: no such file; pass a text file with one caption per line")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        if not any(lines):
+            raise EvalError(f"--captions {file} has no captions; write one caption per line")
+        out += [line for line in lines if line]
+    return out
+
+
+def text_condition(export: Export, generator_dir: str, captions: list[str], per_caption: int, t5: str,
+                   device: torch.device) -> Condition:
+    """Captions -> the T5 condition of a text generator, ``per_caption`` rows each (caption-major):
+    text (N, text_len, text_dim) float32 (rounded through float16 as the shards store it) + text_mask
+    (N, text_len). The T5 is ``t5``, else the one the export records (one-line EvalError when missing
+    or of another width than the generator's)."""
+    from vtok.precompute.text_emb import load_text_encoder
+
+    cfg = export.model.cfg
+    info = export.meta.get("text_encoder") or {}
+    flag = f"--t5 {t5}" if t5 else f"the T5 the export names ({info.get('encoder', '')})"
+    tokenizer = "" if t5 else info.get("tokenizer", "")
+    t5 = t5 or info.get("encoder", "")
+    if not t5:
+        raise EvalError(f"{generator_dir} records no T5 encoder (exported by an older vtok): pass --t5 DIR, the T5 "
+                        "its text-emb.json names (or re-export the run)")
+    if not (Path(t5) / "config.json").is_file():
+        raise EvalError(f"{flag}: no T5 encoder there (config.json missing); pass --t5 DIR, the local T5 "
+                        "directory `vtok precompute text-emb --encoder` used")
+    width = json.loads((Path(t5) / "config.json").read_text()).get("d_model")
+    if width != cfg.text_dim:
+        raise EvalError(f"{flag}: its width d_model={width} != the generator's text width {cfg.text_dim}; "
+                        "pass the T5 whose embeddings it was trained on")
+    try:
+        encoder = load_text_encoder(t5, cfg.text_len, device, tokenizer=tokenizer)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EvalError(f"{flag}: cannot load a T5 encoder + tokenizer there ({first})") from None
+    emb, mask = encoder.stored(captions)
+    return Condition(text=emb.float().repeat_interleave(per_caption, 0),
+                     text_mask=mask.repeat_interleave(per_caption, 0))
+
+
 def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOptions, *, classes: str = "",
-               per_class: int = 4, npz: bool = False, progress: bool = True) -> dict:
+               per_class: int = 4, npz: bool = False, progress: bool = True, captions: list[str] | None = None,
+               per_caption: int = 4, t5: str = "") -> dict:
     """``vtok sample``: writes ``<out>/samples.png`` (+ ``samples.npz``); returns a summary.
-    ``tokenizer_dir``: "" = the decoder the generator's export names (a DiT on pixels needs none)."""
+    ``tokenizer_dir``: "" = the decoder the generator's export names (a DiT on pixels needs none).
+    Text-conditional generators take ``captions`` (``per_caption`` images each, one grid row per
+    caption) encoded by ``t5`` ("" = the T5 the export records)."""
     from vtok.models.generators.dit import DiT
 
     if opts.dtype not in DTYPES:
@@ -195,13 +261,24 @@ def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOpt
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     export = load_export(generator_dir, "generator", device)
     generator = export.model
-    if generator.cfg.condition == "text":
-        raise EvalError(f"{generator_dir} is a text-conditional {type(generator).__name__}: vtok sample draws "
-                        "class-conditional samples only (captions -> T5 -> samples comes with the TexTok task)")
+    text, kind = generator.cfg.condition == "text", type(generator).__name__
+    if captions and not text:
+        raise EvalError(f"--caption: {generator_dir} is a class-conditional {kind}; drop --caption / --captions "
+                        "(pick classes with --classes)")
+    if text and not captions:
+        raise EvalError(f"{generator_dir} is a text-conditional {kind}: pass --caption TEXT or --captions FILE"
+                        + (" instead of --classes" if classes else ""))
+    if text and per_caption < 1:
+        raise EvalError(f"--per-caption {per_caption}: expected >= 1")
     if isinstance(generator, DiT) and opts.num_tokens:
         raise EvalError(f"--num-tokens {opts.num_tokens}: {generator_dir} is a DiT, which samples all its tokens; "
                         "--num-tokens is for a GPT on a variable-length tokenizer (FlexTok)")
-    labels = class_labels(generator.cfg.num_classes, classes, per_class)
+    per = per_caption if text else per_class
+    if text:
+        labels = torch.arange(len(captions)).repeat_interleave(per_caption)  # caption index per sample
+        cond = text_condition(export, generator_dir, captions, per_caption, t5, device)
+    else:
+        cond = labels = class_labels(generator.cfg.num_classes, classes, per_class)
     start = time.perf_counter()
     if isinstance(generator, DiT):
         from vtok.tasks.dit import make_decoder
@@ -211,25 +288,27 @@ def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOpt
             named = export.meta.get("tokenizer") or export.meta.get("vae") or "nothing"
             raise EvalError(f"{generator_dir}: cannot decode its samples: the decoder its export names "
                             f"({named}) is not there; pass --tokenizer DIR")
-        images, _ = sample_diffusion(generator, decode, labels, export.meta.get("diffusion", {}), opts, progress)
+        images, _ = sample_diffusion(generator, decode, cond, export.meta.get("diffusion", {}), opts, progress)
     else:
         tokenizer_dir = tokenizer_dir or export.meta.get("tokenizer", "")
         if not tokenizer_dir:
             raise EvalError(f"{generator_dir} names no tokenizer export: pass --tokenizer DIR")
         tok_export = load_export(tokenizer_dir, "tokenizer", device)
         check_num_tokens(opts.num_tokens, tok_export.token_spec)  # before the VAE loads
-        images, _ = sample_images(generator, tok_export.model, labels, opts, progress,
+        images, _ = sample_images(generator, tok_export.model, cond, opts, progress,
                                   decode=token_decoder(tok_export, device, opts))
     seconds = time.perf_counter() - start
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    nrow = per_class if per_class >= 4 else max(4, math.ceil(math.sqrt(len(images))))
-    grid = save_grid(images[:max(per_class, 1) * 32], out_dir / "samples.png", nrow=nrow)
+    nrow = per if per >= 4 or text else max(4, math.ceil(math.sqrt(len(images))))
+    grid = save_grid(images[:max(per, 1) * 32], out_dir / "samples.png", nrow=nrow)
     summary = {"num_images": len(images), "seconds": seconds, "grid": str(grid),
-               "images_per_s": len(images) / seconds, **vars(opts)}
+               "images_per_s": len(images) / seconds, "num_captions": len(captions) if text else 0, **vars(opts)}
     if npz:
         buf = io.BytesIO()
         extra = {"num_tokens": np.array(opts.num_tokens)} if opts.num_tokens else {}
+        if text:
+            extra["captions"] = np.array(captions)[labels.numpy()]
         np.savez(buf, arr_0=to_uint8(images), labels=labels.numpy(), **extra)
         atomic_write_bytes(out_dir / "samples.npz", buf.getvalue())
         summary["npz"] = str(out_dir / "samples.npz")

@@ -76,14 +76,28 @@ class TextEmbJob(Job):
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return hidden, mask.bool()
 
+    def stored(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions -> what the shards carry: (``text_emb`` (B, L, D) float16, ``text_mask`` (B, L) bool),
+        on the CPU. ``vtok sample --caption`` conditions generators on exactly this."""
+        hidden, mask = self.encode(captions)
+        return hidden.to(torch.float16).cpu(), mask.cpu()
+
     def run(self, items: list[str]) -> list[dict[str, Any]]:
-        hidden, mask = self.encode(items)
-        emb = hidden.to(torch.float16).cpu().numpy()
-        masks = mask.cpu().numpy()
-        return [{"text_emb": e, "text_mask": m} for e, m in zip(emb, masks)]
+        emb, masks = self.stored(items)
+        return [{"text_emb": e, "text_mask": m} for e, m in zip(emb.numpy(), masks.numpy())]
 
     def metadata(self) -> dict[str, Any]:
         cfg = self.model.config
-        return {"encoder": str(Path(self.opts.encoder).resolve()), "d_model": cfg.d_model,
+        tokenizer = str(Path(self.opts.tokenizer).resolve()) if self.opts.tokenizer else ""
+        return {"encoder": str(Path(self.opts.encoder).resolve()), "tokenizer": tokenizer, "d_model": cfg.d_model,
                 "max_length": self.opts.max_length, "empty_caption": self.opts.empty_caption,
                 "dtype": str(self.dtype).removeprefix("torch."), "shape": [self.opts.max_length, cfg.d_model]}
+
+
+def load_text_encoder(encoder: str, max_length: int, device: torch.device | str, *, tokenizer: str = "",
+                      dtype: str = "auto") -> TextEmbJob:
+    """A loaded ``TextEmbJob`` (the T5 in ``encoder``, its tokenizer, captions padded / truncated to
+    ``max_length``): ``.stored(captions)`` gives the embeddings ``vtok precompute text-emb`` writes."""
+    job = TextEmbJob(TextEmbOptions(encoder=encoder, tokenizer=tokenizer, max_length=max_length, dtype=dtype))
+    job.load(torch.device(device))
+    return job

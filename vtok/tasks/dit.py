@@ -114,6 +114,14 @@ def text_shape(recipe: Any, explicit: str = "") -> tuple[int, int]:
     return length, width
 
 
+def text_encoder_info(recipe: Any, explicit: str = "") -> dict[str, Any]:
+    """Export metadata of a text-conditional generator: the T5 its captions were encoded with (the
+    ``text-emb.json`` of ``vtok precompute text-emb``), so ``vtok sample --caption`` encodes alike."""
+    _, meta = read_shard_meta(recipe.data.train_shards, "text-emb.json", "text-emb", "model.text_meta", explicit)
+    return {"text_encoder": {"encoder": meta.get("encoder", ""), "tokenizer": meta.get("tokenizer", ""),
+                             "max_length": int(meta.get("max_length", meta["shape"][-2]))}}
+
+
 @torch.no_grad()
 def sample_dit(model: DiT, cond: Condition | torch.Tensor, diffusion: dict[str, Any], *, steps: int = 50,
                solver: str = "euler", guidance: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
@@ -346,4 +354,5 @@ class DiTTask(TrainTask):
         source = find_source(recipe, cfg.source_meta)
         spec = replace(source["token_spec"], condition=cfg.condition)
         return {"arch": cfg.arch, "token_spec": spec, "source": source["source"],
-                "diffusion": cls.diffusion_settings(cfg), **decoder_info(source)}
+                "diffusion": cls.diffusion_settings(cfg), **decoder_info(source),
+                **(text_encoder_info(recipe, cfg.text_meta) if cfg.condition == "text" else {})}

@@ -28,7 +28,7 @@ from vtok.eval import EvalError
 from vtok.models.api import TokenSpec
 from vtok.models.export import load_export
 from vtok.models.registry import MODELS, build_model
-from vtok.tasks.dit import text_shape
+from vtok.tasks.dit import text_encoder_info, text_shape
 from vtok.tasks.conditions import ConditionSource
 from vtok.train.task import TrainTask, register_task
 
@@ -178,7 +178,8 @@ class GPTTask(TrainTask):
     @classmethod
     def export_info(cls, cfg: "GPTTask.Config", recipe) -> dict[str, Any]:
         """The tokens' spec and the tokenizer export they came from (both from ``codes.json``), and
-        the condition the generator takes."""
+        the condition the generator takes (text: + the T5 of ``text-emb.json``)."""
         meta = find_codes_meta(recipe.data.train_shards, cfg.codes_meta)
         return {"arch": cfg.arch, "token_spec": TokenSpec.from_dict(meta["token_spec"]),
-                "tokenizer": meta.get("tokenizer", ""), "condition": cfg.condition}
+                "tokenizer": meta.get("tokenizer", ""), "condition": cfg.condition,
+                **(text_encoder_info(recipe, cfg.text_meta) if cfg.condition == "text" else {})}
