@@ -7,7 +7,10 @@ shards feed generators, which never read pixels, and stay ~100x smaller without 
 (``keep_image=True`` keeps it). ``<out>/codes.json`` records the tokenizer and its ``token_spec``
 (what the gpt task sizes itself from). A tokenizer on VAE latents (FlexTok; its export names the
 VAE dir) gets the images through that frozen VAE's encoder first ("identity": pixels are the
-latents). Runs on :mod:`vtok.precompute.runner` (ranks, resume, summary).
+latents). A tokenizer whose ``token_spec.condition`` is "text" (TexTok) encodes each image with its
+caption's ``text_emb`` / ``text_mask`` (the input shards must carry them: ``vtok precompute
+text-emb``); the mirror of ``flip`` shares the caption. Runs on :mod:`vtok.precompute.runner` (ranks,
+resume, summary).
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vtok.models.api import TokenSpec
+from vtok.data.transforms import DataError
+from vtok.models.api import Condition, TokenSpec
 from vtok.parallel.dist import DistInfo
 from vtok.precompute.images import center_crop, image_batch, prepare_image
 from vtok.precompute.runner import Job, RunnerOptions, model_identity, run_job
@@ -73,21 +77,40 @@ class CodesJob(Job):
         self.spec = export.token_spec.at(self.opts.resolution)  # one-line error for a wrong resolution
         self.dtype = code_dtype(self.spec)
 
-    def prepare(self, sample: dict[str, Any]) -> torch.Tensor:
-        return prepare_image(sample, self.transform)
+    def prepare(self, sample: dict[str, Any]) -> tuple[torch.Tensor, Any, Any]:
+        """(uint8 image (H, W, 3), text_emb (L, D) | None, text_mask (L,) | None)."""
+        image = prepare_image(sample, self.transform)
+        if self.spec.condition != "text":
+            return image, None, None
+        missing = [f for f in ("text_emb", "text_mask") if f not in sample]
+        if missing:  # every sample of a shard set has the same fields: the input is the wrong one
+            raise DataError(f"--data has no {missing} (key {sample['__key__']}): this tokenizer encodes with "
+                            "captions; run `vtok precompute text-emb` on the shards and pass its --out")
+        return image, sample["text_emb"], sample["text_mask"]
+
+    def condition(self, items: list[tuple[torch.Tensor, Any, Any]]) -> Condition | None:
+        """The batch's captions as Condition(text (B, L, D) float32, text_mask (B, L) bool), or None."""
+        if self.spec.condition != "text":
+            return None
+        text = torch.stack([torch.as_tensor(np.asarray(t)) for _, t, _ in items]).float()
+        mask = torch.stack([torch.as_tensor(np.asarray(m)) for _, _, m in items]).bool()
+        return Condition(text=text, text_mask=mask).to(self.device)
 
     @torch.no_grad()
-    def run(self, items: list[torch.Tensor]) -> list[dict[str, Any]]:
-        images = image_batch(items, self.device)
-        codes = self.encode(images)  # (B, *token_shape)
+    def run(self, items: list[tuple[torch.Tensor, Any, Any]]) -> list[dict[str, Any]]:
+        images = image_batch([i[0] for i in items], self.device)
+        cond = self.condition(items)
+        codes = self.encode(images, cond)  # (B, *token_shape)
         if self.opts.flip:
-            codes = torch.stack([codes, self.encode(images.flip(-1))], dim=1)
+            codes = torch.stack([codes, self.encode(images.flip(-1), cond)], dim=1)
         codes = codes.float() if not self.spec.discrete else codes
         return [{"codes": c.astype(self.dtype)} for c in codes.cpu().numpy()]
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> codes (B, *token_shape) (through the VAE when there is one)."""
-        return self.model.encode(images if self.vae is None else self.vae(images))
+    def encode(self, images: torch.Tensor, cond: Condition | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> codes (B, *token_shape) (through the VAE when there is
+        one; with the captions ``cond`` for a text-conditioned tokenizer)."""
+        x = images if self.vae is None else self.vae(images)
+        return self.model.encode(x) if cond is None else self.model.encode(x, cond)
 
     def metadata(self) -> dict[str, Any]:
         return {"tokenizer": str(Path(self.opts.tokenizer).resolve()), "token_spec": self.spec.to_dict(),

@@ -30,6 +30,38 @@ from vtok.train.task import TrainTask, register_task
 log = logging.getLogger("vtok.train")
 
 
+def adversarial_from_recipe(cfg: AdversarialConfig, recipe) -> Adversarial:
+    """The task's ``Adversarial``, its GAN term starting at ``train.optim.discriminator.start_step``
+    (0 when the recipe has no discriminator optimizer). Shared by the GAN tokenizer tasks."""
+    d_cfg = recipe.train.optim.get("discriminator")
+    return Adversarial(cfg, d_cfg.start_step if d_cfg is not None else 0)
+
+
+def build_lpips(weight: float, vgg_weights: str) -> dict[str, nn.Module]:
+    """``{"lpips": LPIPS}`` for the task's ``frozen`` when ``weight`` > 0, else {}; a one-line
+    RecipeError when the local VGG16 checkpoint is not given."""
+    if weight <= 0:
+        return {}
+    if not vgg_weights:
+        raise RecipeError("model.perceptual_weight > 0 needs model.lpips_vgg_weights (a local "
+                          "torchvision vgg16 checkpoint); or set model.perceptual_weight=0")
+    return {"lpips": LPIPS(vgg_weights)}
+
+
+def reconstruction_loss(rec_img: torch.Tensor, x: torch.Tensor, kind: str, lpips: nn.Module | None,
+                        perceptual_weight: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(rec, rec + perceptual_weight * LPIPS, metrics) of reconstructions (B, 3, H, W) against
+    images x: ``kind`` "l2" (MSE) or "l1"; metrics ``rec``, ``psnr`` and (with ``lpips``) ``lpips``."""
+    rec = F.mse_loss(rec_img, x) if kind == "l2" else F.l1_loss(rec_img, x)
+    metrics: dict[str, Any] = {"rec": rec.detach(), "psnr": psnr(rec_img, x).mean()}
+    total = rec
+    if lpips is not None:
+        p = lpips(rec_img, x).mean()
+        total = total + perceptual_weight * p
+        metrics["lpips"] = p.detach()
+    return rec, total, metrics
+
+
 @dataclass
 class TeacherSpec(PretrainedSpec):
     """A frozen teacher (``vtok.models.pretrained``) for one codebook's feature-prediction head."""
@@ -81,17 +113,12 @@ class FQGANTask(TrainTask):
             if teacher.feature_dim != width:
                 raise RecipeError(f"teacher for codebook {i} gives {teacher.feature_dim}-d features but "
                                   f"{cfg.arch}'s head predicts {width}-d; pick the matching teacher model")
-        d_cfg = recipe.train.optim.get("discriminator")
-        self.adversarial = Adversarial(cfg.gan, d_cfg.start_step if d_cfg is not None else 0)
+        self.adversarial = adversarial_from_recipe(cfg.gan, recipe)
         self.modules = {"tokenizer": tokenizer, "disc": self.adversarial.discriminator}
         self.optimizers = {"generator": ["tokenizer"], "discriminator": ["disc"]}
         self.ema_modules = ("tokenizer",)
         self.frozen = {f"teacher{i}": t for i, t in teachers.items()}
-        if cfg.perceptual_weight > 0:
-            if not cfg.lpips_vgg_weights:
-                raise RecipeError("model.perceptual_weight > 0 needs model.lpips_vgg_weights (a local "
-                                  "torchvision vgg16 checkpoint); or set model.perceptual_weight=0")
-            self.frozen["lpips"] = LPIPS(cfg.lpips_vgg_weights)
+        self.frozen.update(build_lpips(cfg.perceptual_weight, cfg.lpips_vgg_weights))
 
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         x = batch["image"]
@@ -104,15 +131,10 @@ class FQGANTask(TrainTask):
         cfg = self.cfg
         out = self.modules["tokenizer"](x)
         rec_img = out.reconstruction
-        rec = F.mse_loss(rec_img, x) if cfg.rec_loss == "l2" else F.l1_loss(rec_img, x)
-        total = rec + sum(out.quant.losses.values())
-        metrics: dict[str, Any] = {"rec": rec.detach(), "psnr": psnr(rec_img, x).mean(),
-                                   **{k: v.detach() for k, v in out.quant.losses.items()},
-                                   **out.quant.metrics}
-        if "lpips" in self.frozen:
-            p = self.frozen["lpips"](rec_img, x).mean()
-            total = total + cfg.perceptual_weight * p
-            metrics["lpips"] = p.detach()
+        rec, total, metrics = reconstruction_loss(rec_img, x, cfg.rec_loss, self.frozen.get("lpips"),
+                                                  cfg.perceptual_weight)
+        total = total + sum(out.quant.losses.values())
+        metrics.update({k: v.detach() for k, v in out.quant.losses.items()}, **out.quant.metrics)
         for i, pred in out.aligned.items():
             a = infonce_alignment(pred, self.frozen[f"teacher{i}"](x))
             total = total + cfg.align_weight * a / len(out.aligned)
