@@ -28,26 +28,15 @@ from vtok.data.synthetic import write_synthetic
 from vtok.parallel.dist import DistInfo
 from vtok.precompute.latents import LatentsJob, LatentsOptions
 from vtok.precompute.runner import Job, RunnerOptions, run_job
-from vtok.precompute.text_emb import TextEmbJob, TextEmbOptions
+from vtok.precompute.text_emb import TextEmbJob, TextEmbOptions, save_random_t5
 
 WORDS = ("a an the red green blue yellow purple orange circle square triangle star shape small big on "
          "white background of with").split()
 
 
 def save_t5(path: Path, d_model: int, d_ff: int, heads: int) -> None:
-    """A random 2-layer T5 encoder of width ``d_model`` + a word-level tokenizer, saved to ``path``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
-    cfg = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=d_model // heads, d_ff=d_ff, num_layers=2,
-                   num_heads=heads)
-    T5EncoderModel(cfg).save_pretrained(path)
+    """A random 2-layer T5 encoder of width ``d_model`` + a word-level tokenizer over WORDS, saved to ``path``."""
+    save_random_t5(path, d_model, heads=heads, d_ff=d_ff, words=WORDS)
 
 
 def save_vae(path: Path) -> None:

@@ -21,6 +21,7 @@ from vtok.data.writers import write_shards
 from vtok.eval.sample import SampleOptions, sample_images, text_condition, token_decoder
 from vtok.models.export import load_export, save_export
 from vtok.models.registry import build_model
+from vtok.precompute.text_emb import save_random_t5
 from vtok.train import Trainer
 
 RES, R, L, WIDTH = 16, 8, 8, 16  # image side, FlexTok tokens, caption tokens, T5 width
@@ -39,19 +40,8 @@ def one_thread():
 
 
 def save_t5(path, width: int = WIDTH) -> None:
-    """A tiny random T5 encoder + an offline word-level tokenizer, saved as `save_pretrained` does."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
-    torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=width, d_kv=4, d_ff=32, num_layers=1,
-                            num_heads=4)).save_pretrained(path)
+    """A tiny random T5 encoder (1 block) + an offline word-level tokenizer over WORDS."""
+    save_random_t5(path, width, heads=4, d_ff=32, num_layers=1, words=WORDS)
 
 
 def class_tokens(cls: int, vocab: int) -> np.ndarray:

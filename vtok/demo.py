@@ -11,6 +11,14 @@
 
     synthetic shapes ──▶ WebDataset shards ──▶ smoke DiT ──▶ export ──▶ samples ──▶ demo.json
 
+``--family flextok``: an ordered 1D tokenizer and a variable-length AR generator on its tokens, with
+the identity "VAE" (the 16 px pixels are the latents) so that it fits on 2 CPU cores:
+
+    synthetic shapes ──▶ WebDataset shards ──▶ smoke FlexTok (recipes/smoke/flextok_shapes.yaml)
+      ──▶ export ──▶ eval by length (PSNR by k, coarse-to-fine grid, judged reconstructions)
+      ──▶ token shards ──▶ smoke GPT (recipes/smoke/gpt_flextok_shapes.yaml) ──▶ export
+      ──▶ class-conditional samples from the first K tokens, for each K in --num-tokens ──▶ demo.json
+
 Every stage resumes: finished shards, trained runs (``COMPLETE``) and exports are kept, so a second
 ``vtok demo`` only re-samples. Class faithfulness (``vtok.eval.judge``): the colour of each sample's
 shape and its shape, judged against the class it was asked for (chance 1/6 and 1/4), with an
@@ -37,17 +45,23 @@ class DemoOptions:
 
     out: str = field(default="vtok_demo", metadata={"help": "output directory (default: vtok_demo)"})
     family: str = field(default="fqgan", metadata={
-        "help": "fqgan: FQGAN tokenizer -> codes -> FAR (AR); dit: a DiT on the 16 px images (diffusion)"})
+        "help": "fqgan: FQGAN tokenizer -> codes -> FAR (AR); dit: a DiT on the 16 px images (diffusion); "
+                "flextok: FlexTok (ordered 1D tokens) -> tokens -> a GPT sampled at several lengths"})
     num_samples: int = field(default=2048, metadata={"help": "training images"})
     samples_per_shard: int = 128
     resolution: int = 32
     workers: int = field(default=2, metadata={"help": "data loader workers"})
-    tokenizer_steps: int = 400
-    generator_steps: int = field(default=600, metadata={"help": "steps of the FAR / DiT generator"})
+    tokenizer_steps: int = field(default=0, metadata={
+        "help": "steps of the tokenizer (default 0: the family's, fqgan 400, flextok 3000)"})
+    generator_steps: int = field(default=600, metadata={"help": "steps of the FAR / DiT / GPT generator"})
+    generator_batch: int = field(default=0, metadata={"help": "batch size of the generator (default 0: its recipe's)"})
     per_class: int = field(default=4, metadata={"help": "samples per class (24 classes)"})
     guidance: float = field(default=0.0, metadata={
         "help": "classifier-free guidance scale (default 0: the family's, fqgan 2.0, dit 3.0)"})
-    dit_resolution: int = field(default=16, metadata={"help": "image side the --family dit DiT models"})
+    dit_resolution: int = field(default=16, metadata={
+        "help": "image side the --family dit DiT and the --family flextok FlexTok model"})
+    num_tokens: str = field(default="1,16", metadata={
+        "help": "flextok: comma-separated token counts K; samples are generated from the first K tokens for each"})
     seed: int = 0
 
 
@@ -85,8 +99,9 @@ def class_faithfulness(images: np.ndarray, labels: np.ndarray) -> float:
     return float((dominant_colour(images) == colour_of_class(labels)).mean())
 
 
-FAMILIES = ("fqgan", "dit")
-GUIDANCE = {"fqgan": 2.0, "dit": 3.0}  # measured best class match of each family's smoke generator
+FAMILIES = ("fqgan", "dit", "flextok")
+GUIDANCE = {"fqgan": 2.0, "dit": 3.0, "flextok": 2.0}  # measured best class match of each smoke generator
+TOKENIZER_STEPS = {"fqgan": 400, "dit": 0, "flextok": 3000}
 
 
 def run_demo(opts: DemoOptions) -> dict:
@@ -96,19 +111,32 @@ def run_demo(opts: DemoOptions) -> dict:
     if opts.family not in FAMILIES:
         raise RecipeError(f"--family {opts.family!r}: expected one of {', '.join(FAMILIES)}")
     out = Path(opts.out).resolve()
-    opts = replace(opts, guidance=opts.guidance or GUIDANCE[opts.family])
+    opts = replace(opts, guidance=opts.guidance or GUIDANCE[opts.family],
+                   tokenizer_steps=opts.tokenizer_steps or TOKENIZER_STEPS[opts.family])
+    lengths = _parse_num_tokens(opts.num_tokens) if opts.family == "flextok" else []
     timings: dict[str, float] = {}
     report: dict = {"options": vars(opts)}
-    stages = 5 if opts.family == "fqgan" else 3
+    stages = 3 if opts.family == "dit" else 5
     t = _stage(f"1/{stages} data: {opts.num_samples} synthetic {opts.resolution}px shapes (24 classes) -> {out}/wds")
     _data(opts, out)
     timings["data"] = time.perf_counter() - t
     if opts.family == "fqgan":
         tokenizer, res = _fqgan_stages(opts, out, report, timings), opts.resolution
+    elif opts.family == "flextok":
+        tokenizer, res = _flextok_stages(opts, out, report, timings), opts.dit_resolution
     else:
         tokenizer, res = _dit_stage(opts, out, report, timings), opts.dit_resolution
-    t = _stage(f"{stages}/{stages} sampling: {opts.per_class} per class, guidance {opts.guidance}")
-    report["samples"] = _sample(opts, out, tokenizer, res)
+    t = _stage(f"{stages}/{stages} sampling: {opts.per_class} per class, guidance {opts.guidance}"
+               + (f", from the first K = {', '.join(map(str, lengths))} tokens" if lengths else ""))
+    if lengths:
+        report["samples_by_k"] = {k: _sample(opts, out, tokenizer, res, num_tokens=k)
+                                  for k in lengths}
+        for k, s in report["samples_by_k"].items():
+            print(f"K = {k:3d} tokens: colour {s['colour_match']:.0%}, shape {s['shape_match']:.0%}, "
+                  f"both {s['class_match']:.0%} -> {s['grid']}")
+        report["samples"] = report["samples_by_k"][lengths[-1]]
+    else:
+        report["samples"] = _sample(opts, out, tokenizer, res)
     timings["sampling"] = time.perf_counter() - t
     report["seconds"] = timings
     atomic_write_bytes(out / "demo.json", json.dumps(report, indent=1, default=str).encode())
@@ -119,8 +147,10 @@ def run_demo(opts: DemoOptions) -> dict:
           f"both {s['class_match']:.0%} ({s['real']['class_match']:.0%}) {{4%}}; "
           f"judge inception score {s['inception_score']:.1f} ({s['real']['inception_score']:.1f}) of 24")
     print(f"stage times: {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")
-    recon = f"{out / 'recon_grid.png'} (originals above reconstructions), " if opts.family == "fqgan" else ""
-    print(f"pictures: {out / 'samples.png'} (one row per class), {recon}{out / 'runs/generator/samples'}/ "
+    recon = {"fqgan": f"{out / 'recon_grid.png'} (originals above reconstructions), ",
+             "flextok": f"{out / 'coarse_to_fine.png'} (input, then decodes from k = 1, 2, 4, ... tokens), "
+                        f"{out / 'by_length.png'}, "}.get(opts.family, "")
+    print(f"pictures: {report['samples']['grid']} (one row per class), {recon}{out / 'runs/generator/samples'}/ "
           f"(samples during training); metrics: {out / 'demo.json'}")
     return report
 
@@ -128,6 +158,12 @@ def run_demo(opts: DemoOptions) -> dict:
 def _common(opts: DemoOptions, resolution: int) -> list[str]:
     return [f"data.resolution={resolution}", f"data.num_workers={opts.workers}", "log.tensorboard=false",
             f"seed={opts.seed}"]
+
+
+def _generator_args(opts: DemoOptions) -> list[str]:
+    """Recipe overrides of the generator stage: its steps, and its batch size when set."""
+    return [f"train.steps={opts.generator_steps}", *([f"data.batch_size={opts.generator_batch}"]
+                                                     if opts.generator_batch else [])]
 
 
 def _data(opts: DemoOptions, out: Path) -> None:
@@ -166,10 +202,85 @@ def _fqgan_stages(opts: DemoOptions, out: Path, report: dict, timings: dict[str,
 
     t = _stage(f"4/5 generator: smoke FAR on the codes, {opts.generator_steps} steps")
     last = _train("far_dual.yaml", [*common, f"data.train_shards={out / 'codes'}", f"run_dir={out / 'runs/generator'}",
-                                    f"train.steps={opts.generator_steps}"], out / "generator")
+                                    *_generator_args(opts)], out / "generator")
     report["generator"] = {k: v for k, v in last.items() if k.startswith("main/")}
     timings["generator"] = time.perf_counter() - t
     return str(out / "tokenizer")
+
+
+def _parse_num_tokens(text: str) -> list[int]:
+    """"1,16" -> [1, 16] (sorted, unique); one-line RecipeError otherwise."""
+    from vtok.config import RecipeError
+
+    try:
+        ks = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise RecipeError(f"--num-tokens {text!r}: expected comma-separated token counts >= 1, e.g. 1,16")
+    return ks
+
+
+FLEXTOK_DECODE_STEPS = 10  # Euler steps of the smoke FlexTok's decoder (no guidance: it hurts this tiny model)
+
+
+def _flextok_stages(opts: DemoOptions, out: Path, report: dict, timings: dict[str, float]) -> str:
+    """Tokenizer, its evaluation by length, token shards and the GPT; returns the tokenizer dir."""
+    from vtok.eval.recon import evaluate_recon
+    from vtok.parallel.dist import init_distributed
+    from vtok.precompute.codes import precompute_codes
+
+    res, common = opts.dit_resolution, _common(opts, opts.dit_resolution)
+    t = _stage(f"2/5 tokenizer: smoke FlexTok (identity VAE, {res}px), {opts.tokenizer_steps} steps")
+    last = _train("flextok_shapes.yaml", [*common, f"data.train_shards={out / 'wds'}",
+                                          f"run_dir={out / 'runs/tokenizer'}", f"train.steps={opts.tokenizer_steps}"],
+                  out / "tokenizer")
+    recon = evaluate_recon(str(out / "tokenizer"), str(out / "eval"), str(out), resolution=res, batch_size=64,
+                           steps=FLEXTOK_DECODE_STEPS, guidance=1.0, apg=False, seed=opts.seed)
+    table = "  ".join(f"k={row['k']}: {row['psnr']:.2f}" for row in recon["by_length"])
+    print(f"reconstruction of 256 held-out images from the first k tokens, PSNR dB: {table}")
+    judged = _judge_reconstructions(out / "tokenizer", res, opts.seed)
+    print("judged reconstructions (96 renders): " + ", ".join(
+        f"k={k}: colour {v['colour_match']:.0%} shape {v['shape_match']:.0%}" for k, v in judged.items()))
+    report["tokenizer"] = {"train_mse": last.get("main/mse"), "by_length": recon["by_length"], "judged": judged,
+                           "codebooks": recon["codebooks"]}
+    timings["tokenizer"] = time.perf_counter() - t
+
+    t = _stage("3/5 tokens: frozen FlexTok -> token shards")
+    precompute_codes(str(out / "tokenizer"), str(out / "wds"), str(out / "codes"), init_distributed(),
+                     resolution=res, batch_size=64)
+    timings["codes"] = time.perf_counter() - t
+
+    t = _stage(f"4/5 generator: smoke GPT on the ordered tokens, {opts.generator_steps} steps")
+    last = _train("gpt_flextok_shapes.yaml", [*common, f"data.train_shards={out / 'codes'}",
+                                              f"run_dir={out / 'runs/generator'}",
+                                              *_generator_args(opts)], out / "generator")
+    report["generator"] = {k: v for k, v in last.items() if k.startswith("main/")}
+    timings["generator"] = time.perf_counter() - t
+    return str(out / "tokenizer")
+
+
+def _judge_reconstructions(tokenizer: Path, res: int, seed: int, count: int = 96) -> dict[int, dict]:
+    """Colour / shape faithfulness (``vtok.eval.judge``) of FlexTok reconstructions of ``count`` fresh
+    renders from their first k tokens, k = 0 (the null condition), 1 and R."""
+    import torch
+
+    from vtok.eval.grid import to_uint8
+    from vtok.eval.judge import judge_samples, render_real, train_judge
+    from vtok.models.export import load_export
+
+    model = load_export(str(tokenizer), "tokenizer").model.eval()
+    images, labels = render_real(count, res, seed=seed + 7)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    out, judge = {}, train_judge(res, seed=seed)
+    with torch.no_grad():
+        ids = model.encode(x)
+        for k in (0, 1, model.cfg.num_registers):
+            rec = model.decode(ids, num_tokens=k, steps=FLEXTOK_DECODE_STEPS, noise=noise)
+            j = judge_samples(to_uint8(rec), labels, seed=seed, judge=judge)
+            out[k] = {n: j.samples[n] for n in ("colour_match", "shape_match", "class_match")}
+    return out
 
 
 def _dit_stage(opts: DemoOptions, out: Path, report: dict, timings: dict[str, float]) -> str:
@@ -177,22 +288,25 @@ def _dit_stage(opts: DemoOptions, out: Path, report: dict, timings: dict[str, fl
     t = _stage(f"2/3 generator: smoke DiT (rectified flow) on {opts.dit_resolution}px images, "
                f"{opts.generator_steps} steps")
     last = _train("dit_shapes.yaml", [*_common(opts, opts.dit_resolution), f"data.train_shards={out / 'wds'}",
-                                      f"run_dir={out / 'runs/generator'}", f"train.steps={opts.generator_steps}"],
+                                      f"run_dir={out / 'runs/generator'}", *_generator_args(opts)],
                   out / "generator")
     report["generator"] = {k: v for k, v in last.items() if k.startswith("main/")}
     timings["generator"] = time.perf_counter() - t
     return ""
 
 
-def _sample(opts: DemoOptions, out: Path, tokenizer: str, res: int) -> dict:
-    """Class-conditional samples (``<out>/samples.png`` + npz) judged for class colour and shape
-    (``vtok.eval.judge``), beside the same statistics on real renders at the same resolution."""
+def _sample(opts: DemoOptions, out: Path, tokenizer: str, res: int, num_tokens: int = 0) -> dict:
+    """Class-conditional samples of ``<out>/generator`` (``<out>/samples.png`` + npz) judged for class
+    colour and shape (``vtok.eval.judge``), beside the same statistics on real renders at the same
+    resolution; ``num_tokens`` = K > 0: a variable-length generator draws (and FlexTok decodes) K
+    tokens, written to ``<out>/samples_k<K>/``."""
     from vtok.data.synthetic import NUM_CLASSES
     from vtok.eval.judge import judge_samples
     from vtok.eval.sample import SampleOptions, run_sample
 
-    sampled = run_sample(str(out / "generator"), tokenizer, str(out),
-                         SampleOptions(guidance=opts.guidance, seed=opts.seed, batch_size=48),
+    sampled = run_sample(str(out / "generator"), tokenizer, str(out / f"samples_k{num_tokens}" if num_tokens else out),
+                         SampleOptions(guidance=opts.guidance, seed=opts.seed, batch_size=48, num_tokens=num_tokens,
+                                       **({"decode_steps": FLEXTOK_DECODE_STEPS} if num_tokens else {})),
                          per_class=opts.per_class, npz=True)
     with np.load(sampled["npz"]) as z:
         images, labels = z["arr_0"], z["labels"]

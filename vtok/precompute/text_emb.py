@@ -101,3 +101,33 @@ def load_text_encoder(encoder: str, max_length: int, device: torch.device | str,
     job = TextEmbJob(TextEmbOptions(encoder=encoder, tokenizer=tokenizer, max_length=max_length, dtype=dtype))
     job.load(torch.device(device))
     return job
+
+
+def shapes_caption_words() -> list[str]:
+    """Every word of the built-in synthetic shapes' captions (``vtok.data.synthetic``), sorted."""
+    from vtok.data.synthetic import BACKGROUNDS, COLORS, SHAPES
+
+    return sorted({w for name in (*SHAPES, *COLORS, *BACKGROUNDS) for w in name.split()}
+                  | {"a", "an", "on", "small", "large", "background"})
+
+
+def save_random_t5(out: str | Path, width: int = 32, *, heads: int = 4, d_ff: int = 0, num_layers: int = 2,
+                   words: list[str] | tuple[str, ...] | None = None, seed: int = 0) -> Path:
+    """A tiny RANDOM T5 encoder (``num_layers`` blocks of width ``width``, ``heads`` heads, MLP ``d_ff``,
+    default 2 x width) and a word-level tokenizer over ``words`` (default: the synthetic shapes' caption
+    words), saved to ``out`` as ``save_pretrained`` does, for ``vtok precompute text-emb --encoder out``
+    in smoke runs, demos, tests and benchmarks (nothing is downloaded). Its embeddings carry no
+    language knowledge, only which words a caption has, which is what tells the shapes' captions apart."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words or shapes_caption_words())}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(out)
+    torch.manual_seed(seed)
+    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=width, d_kv=width // heads, d_ff=d_ff or 2 * width,
+                            num_layers=num_layers, num_heads=heads)).save_pretrained(out)
+    return Path(out)

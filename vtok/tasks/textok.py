@@ -34,6 +34,7 @@ from vtok.losses.adversarial import AdversarialConfig
 from vtok.models.api import Condition
 from vtok.models.registry import MODELS, build_model
 from vtok.models.tokenizers.textok import TexTok
+from vtok.precompute.text_emb import save_random_t5  # re-exported: the smoke recipes' data command
 from vtok.tasks.conditions import ConditionSource
 from vtok.tasks.dit import text_encoder_info, text_shape
 from vtok.tasks.fqgan import adversarial_from_recipe, build_lpips, reconstruction_loss
@@ -205,30 +206,6 @@ class TexTokTask(TrainTask):
         if cls.uses_text(cfg):
             info.update(text_encoder_info(recipe, cfg.text_meta))
         return info
-
-
-def save_random_t5(out: str | Path, width: int = 32, seed: int = 0) -> Path:
-    """A tiny RANDOM T5 encoder (2 layers, d_model ``width``) and a word-level tokenizer over the
-    synthetic shapes' caption words, saved to ``out`` for ``vtok precompute text-emb --encoder out``
-    (smoke runs and tests; nothing is downloaded). Its embeddings carry no language knowledge, only
-    which words a caption has, which is what the shapes' captions tell apart."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    from vtok.data.synthetic import BACKGROUNDS, COLORS, SHAPES
-
-    words = sorted({w for name in (*SHAPES, *COLORS, *BACKGROUNDS) for w in name.split()}
-                   | {"a", "an", "on", "small", "large", "background"})
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tk = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(out)
-    torch.manual_seed(seed)
-    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=width, d_kv=width // 4, d_ff=2 * width,
-                            num_layers=2, num_heads=4)).save_pretrained(out)
-    return Path(out)
 
 
 __all__ = ["TexTokTask", "gan_for_resolution", "save_random_t5", "textok_gan"]
