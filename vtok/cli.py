@@ -13,6 +13,7 @@
     vtok eval gen --samples NPZ ...             gFID + Inception Score of generated samples
     vtok data synthetic OUT [--format mds]      write the built-in shapes dataset
     vtok data inspect PATH                      shard count, sample count, fields of the first sample
+    vtok data class-captions --data S --out F   held-out captions per class (TexTok under a class DiT)
 
 Every user error (bad recipe key, missing shard, corrupt data past the limit) ends with one line on
 stderr and exit code 2.
@@ -154,6 +155,18 @@ def cmd_synthetic(args: argparse.Namespace) -> None:
         ("next", f"vtok data inspect {args.out}")]))
 
 
+def cmd_class_captions(args: argparse.Namespace) -> None:
+    from vtok.data.class_captions import build_class_captions
+
+    info = build_class_captions(args.data, args.out, args.per_class)
+    n = sum(len(v) for v in info["captions"].values())
+    npz = str(Path(args.out).with_suffix(".npz")) if info["embeddings"] else None
+    print(summary(f"vtok data class-captions: {n} captions of {len(info['captions'])} classes -> {args.out}", [
+        ("captions", args.out), ("embeddings", npz),
+        ("next", "train a class DiT on the codes with model.class_captions=" + args.out
+         if npz else "run `vtok precompute text-emb` on the shards first (no embeddings)")]))
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from vtok.data.inspect import describe
 
@@ -172,7 +185,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     opts = dataclass_from_args(SampleOptions, args)
     s = run_sample(args.generator, args.tokenizer, args.out, opts, classes=args.classes,
                    per_class=args.per_class, npz=args.npz, captions=read_captions(args.caption, args.captions),
-                   per_caption=args.per_caption, t5=args.t5)
+                   per_caption=args.per_caption, t5=args.t5, class_captions=args.class_captions)
     extra = f" + {s['npz']}" if args.npz else ""
     prefix = f" from the first {args.num_tokens} tokens" if args.num_tokens else ""
     prefix += f" for {s['num_captions']} caption(s)" if s["num_captions"] else ""
@@ -208,10 +221,10 @@ def cmd_eval_recon(args: argparse.Namespace) -> None:
                             max_samples=args.max_samples, lpips_vgg=args.lpips_vgg,
                             inception=args.inception, cache_dir=args.cache_dir or None,
                             lengths=parse_lengths(args.lengths), steps=args.steps, guidance=args.guidance,
-                            apg=args.apg, seed=args.seed)
+                            apg=args.apg, seed=args.seed, compare=args.compare)
     lp = f", LPIPS {report['lpips']:.4f}" if report["lpips"] is not None else ""
     fid = f", rFID {report['rfid']:.3f}" if report["rfid"] is not None else ""
-    usage = ", ".join(f"{c['usage']:.1%}" for c in report["codebooks"])
+    usage = ", ".join(f"{c['usage']:.1%}" for c in report["codebooks"]) or "n/a (continuous tokens)"
     at = f" at {report['num_tokens']} tokens" if "by_length" in report else ""
     out = Path(args.out)
     print(summary(f"vtok eval recon: {report['num_images']} images{at}: PSNR {report['psnr']:.2f} dB, "
@@ -220,7 +233,9 @@ def cmd_eval_recon(args: argparse.Namespace) -> None:
                    *((f"k={row['k']}", f"PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}")
                      for row in report.get("by_length", [])),
                    ("by length", existing(out / "by_length.png") if "by_length" in report else None),
-                   ("coarse to fine", existing(out / "coarse_to_fine.png") if "by_length" in report else None)]))
+                   ("coarse to fine", existing(out / "coarse_to_fine.png") if "by_length" in report else None),
+                   *((name, f"PSNR {report[name]['psnr']:.2f} dB, SSIM {report[name]['ssim']:.4f}")
+                     for name in ("without_text", "compare") if name in report)]))
     if report["rfid"] is None:
         print(f"  rFID not computed: pass --inception {INCEPTION_FILE} (from {INCEPTION_URL})")
 
@@ -346,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--per-caption", type=int, default=4, help="images per caption")
     smp.add_argument("--t5", default="", metavar="DIR", help="local T5 encoder dir for the captions (default: "
                      "the one the generator's training text-emb.json names)")
+    smp.add_argument("--class-captions", default="", metavar="FILE", help="class DiT over a text tokenizer "
+                     "(TexTok): `vtok data class-captions` JSON; each sample decodes with a caption of its class "
+                     "drawn from it (default: the file its export records)")
     add_dataclass_args(smp, SampleOptions, help=missing_help(SampleOptions, SAMPLE_HELP))
     smp.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0 uint8 NHWC) for eval gen")
     smp.set_defaults(func=cmd_sample)
@@ -374,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--apg", action=argparse.BooleanOptionalAction, default=None, help="adaptive projected "
                        f"guidance instead of plain CFG (default on){ordered}")
     recon.add_argument("--seed", type=int, default=0, help=f"decoding noise seed; image i uses seed + i{ordered}")
+    recon.add_argument("--compare", default="", help="a second tokenizer export (e.g. the -notext twin) "
+                       "evaluated on the same images: the report's `compare` block")
     recon.set_defaults(func=cmd_eval_recon)
     gen = ev.add_parser("gen", help="gFID / Inception Score of generated samples (ADM .npz)")
     gen.add_argument("--samples", required=True, nargs="+", help=".npz whose arr_0 is uint8 (N, H, W, 3); "
@@ -408,6 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0, help="seed of the shapes, colours and positions")
     syn.add_argument("--workers", type=int, default=2, help="processes writing shards in parallel")
     syn.set_defaults(func=cmd_synthetic)
+    cc = data.add_parser("class-captions", help="held-out per-class caption lists (+ T5 embeddings) for a "
+                         "class DiT over a text tokenizer (TexTok)",
+                         description="Keep the last N captions of each class (shard order) of image shards "
+                         "with cls + caption (+ text_emb / text_mask of `vtok precompute text-emb`): FILE.json "
+                         "(captions) and FILE.npz (float16 embeddings, so decoding needs no T5). A class DiT "
+                         "on TexTok codes decodes each sample with one of its class's captions "
+                         "(model.class_captions / `vtok sample --class-captions`).")
+    cc.add_argument("--data", required=True, help="image shards with cls and caption (text_emb for decoding)")
+    cc.add_argument("--out", required=True, help="output .json (the embeddings go beside it as .npz)")
+    cc.add_argument("--per-class", type=int, default=16, help="captions kept per class (the last N seen)")
+    cc.set_defaults(func=cmd_class_captions)
     ins = data.add_parser("inspect", help="summarise a shard directory or tar")
     ins.add_argument("path", help="a shard directory (WebDataset or MDS) or one .tar")
     ins.set_defaults(func=cmd_inspect)

@@ -13,13 +13,14 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from vtok.config import load_recipe
 from vtok.data import build_loader
+from vtok.data.webdataset import expand_shards
 from vtok.data.writers import atomic_write_bytes
 from vtok.eval import EvalError
 from vtok.eval.inception import FEATURE_DIM, InceptionFeatures
@@ -136,21 +137,32 @@ def load_stats(path: str | Path) -> dict:
     return stats
 
 
-def eval_images(data: str, *, data_format: str = "wds", resolution: int = 256, batch_size: int = 32,
-                max_images: int = 0) -> Iterator[torch.Tensor]:
-    """Batches (B, 3, R, R) in [-1, 1] of the images in ``data``, center-cropped (small ones upscaled),
-    in a fixed order; the first ``max_images`` of them (0: all)."""
+def eval_batches(data: str, fields: tuple[str, ...] = ("image",), *, data_format: str = "wds",
+                 resolution: int = 256, batch_size: int = 32, max_images: int = 0) -> Iterator[dict[str, Any]]:
+    """Batches of ``fields`` from ``data`` in a fixed order: ``image`` (B, 3, R, R) in [-1, 1],
+    center-cropped (small ones upscaled), and e.g. ``text_emb`` (B, L, D) / ``text_mask`` (B, L); the
+    first ``max_images`` images (0: all). Two reader workers, or one for a single WebDataset shard."""
+    workers = min(2, len(expand_shards(data))) if data_format == "wds" else 2
     recipe = load_recipe(None, [f"data.format={data_format}", f"data.train_shards={data}",
                                 f"data.resolution={resolution}", f"data.batch_size={batch_size}",
-                                "data.fields=[image]", "data.num_workers=2", "data.shuffle=false",
-                                "data.small_images=upscale"])
+                                f"data.fields=[{','.join(fields)}]", f"data.num_workers={workers}",
+                                "data.shuffle=false", "data.small_images=upscale"])
     count = 0
     for batch in build_loader(recipe.data, train=False):
-        x = batch["image"][: max_images - count] if max_images else batch["image"]
-        count += len(x)
-        yield x
+        take = max_images - count if max_images else len(batch["image"])
+        out = {name: batch[name][:take] for name in fields}
+        count += len(out["image"])
+        yield out
         if max_images and count >= max_images:
             return
+
+
+def eval_images(data: str, *, data_format: str = "wds", resolution: int = 256, batch_size: int = 32,
+                max_images: int = 0) -> Iterator[torch.Tensor]:
+    """The ``image`` batches (B, 3, R, R) of ``eval_batches``."""
+    for batch in eval_batches(data, ("image",), data_format=data_format, resolution=resolution,
+                              batch_size=batch_size, max_images=max_images):
+        yield batch["image"]
 
 
 def _file_state(spec: str) -> list:

@@ -77,11 +77,12 @@ def condition_rows(cond: torch.Tensor | Condition, start: int, stop: int) -> tor
 @torch.no_grad()
 def sample_batches(generator: torch.nn.Module, labels: torch.Tensor | Condition, opts: SampleOptions,
                    draw: Callable[[torch.Tensor | Condition, torch.Generator], torch.Tensor],
-                   decode: Callable[[torch.Tensor], torch.Tensor], progress: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   decode: Callable[..., torch.Tensor], progress: bool = True,
+                   decode_rows: Condition | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels (N,) or a Condition of N rows (T5 text (N, L, D) + mask (N, L)) -> (images (N, 3, H, W) in
     [-1, 1] on CPU, tokens (N, ...) on CPU), ``opts.batch_size`` rows at a time: ``draw(rows, rng)``
-    samples tokens under the autocast dtype, ``decode`` maps them to images. Batch i draws from a
+    samples tokens under the autocast dtype, ``decode`` maps them to images (``decode(x, rows)`` with
+    the same rows of ``decode_rows`` when given: a text tokenizer's captions). Batch i draws from a
     generator seeded with ``seed + i``, so a run is reproducible for a fixed batch size."""
     device = next(generator.parameters()).device
     dtype = DTYPES[opts.dtype]
@@ -93,7 +94,11 @@ def sample_batches(generator: torch.nn.Module, labels: torch.Tensor | Condition,
         with autocast:
             x = draw(rows, torch.Generator(device).manual_seed(opts.seed + i))
         tokens.append(x.cpu())
-        images.append(decode(x).float().clamp(-1, 1).cpu())
+        if decode_rows is None:
+            images.append(decode(x).float().clamp(-1, 1).cpu())
+        else:
+            rows = condition_rows(decode_rows, start, start + opts.batch_size).to(device)
+            images.append(decode(x, rows).float().clamp(-1, 1).cpu())
     return torch.cat(images), torch.cat(tokens)
 
 
@@ -185,10 +190,12 @@ def parse_interval(text: str) -> tuple[float, float]:
 
 
 def sample_diffusion(generator: torch.nn.Module, decode, labels: torch.Tensor | Condition, diffusion: dict,
-                     opts: SampleOptions, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     opts: SampleOptions, progress: bool = True, decode_rows: Condition | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """DiT: labels (N,) or a text Condition of N rows -> (images (N, 3, H, W) in [-1, 1] on CPU,
     samples (N, *token_shape)).
-    ``decode`` maps samples to images; ``diffusion`` is the export's process settings."""
+    ``decode`` maps samples to images (with their rows of ``decode_rows``, N captions' Condition, when
+    the tokenizer is text-conditioned); ``diffusion`` is the export's process settings."""
     from vtok.tasks.dit import sample_dit
 
     interval = parse_interval(opts.guidance_interval)
@@ -197,7 +204,36 @@ def sample_diffusion(generator: torch.nn.Module, decode, labels: torch.Tensor | 
         return sample_dit(generator, rows, diffusion, steps=opts.steps, solver=opts.solver,
                           guidance=opts.guidance, interval=interval, apg=opts.apg, generator=rng).float()
 
-    return sample_batches(generator, labels, opts, draw, decode, progress)
+    return sample_batches(generator, labels, opts, draw, decode, progress, decode_rows)
+
+
+def decoder_captions(decode, export: Export, generator_dir: str, cond: torch.Tensor | Condition,
+                     class_captions: str, seed: int) -> tuple[Condition | None, list[str]]:
+    """The captions a DiT's samples decode with, N rows: none for a decoder without text; the DiT's
+    own (T2I ``cond``) for a text tokenizer (TexTok); for a class DiT one caption per label drawn
+    (seeded by ``seed``) from ``class_captions`` or the list its export records. Returns (Condition
+    or None, the drawn captions)."""
+    from vtok.data.class_captions import ClassCaptions
+    from vtok.tasks.dit import missing_class_captions
+
+    if not getattr(decode, "needs_text", False):
+        if class_captions:
+            log.warning("--class-captions has no effect: the samples' decoder reads no captions")
+        return None, []
+    if isinstance(cond, Condition) and cond.text is not None:  # T2I: the DiT's captions
+        if cond.text.shape[-1] != decode.text_dim:
+            raise EvalError(f"the tokenizer decodes with T5 width {decode.text_dim} but the DiT's captions are "
+                            f"{cond.text.shape[-1]} wide: pass the tokenizer its codes came from (--tokenizer)")
+        return cond, []
+    path = class_captions or export.meta.get("class_captions", "")
+    if not path:
+        raise EvalError(missing_class_captions(f"{generator_dir}: samples", "pass --class-captions FILE.json"))
+    labels = cond.labels if isinstance(cond, Condition) else cond
+    rows, words = ClassCaptions.load(path).condition(labels, torch.Generator().manual_seed(seed))
+    if rows.text.shape[-1] != decode.text_dim:
+        raise EvalError(f"class captions {path}: T5 width {rows.text.shape[-1]} != the tokenizer's "
+                        f"{decode.text_dim}; rebuild it from the shards the tokenizer was trained on")
+    return rows, words
 
 
 def read_captions(captions: list[str] | None = None, file: str = "") -> list[str]:
@@ -249,11 +285,14 @@ def text_condition(export: Export, generator_dir: str, captions: list[str], per_
 
 def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOptions, *, classes: str = "",
                per_class: int = 4, npz: bool = False, progress: bool = True, captions: list[str] | None = None,
-               per_caption: int = 4, t5: str = "") -> dict:
+               per_caption: int = 4, t5: str = "", class_captions: str = "") -> dict:
     """``vtok sample``: writes ``<out>/samples.png`` (+ ``samples.npz``); returns a summary.
     ``tokenizer_dir``: "" = the decoder the generator's export names (a DiT on pixels needs none).
     Text-conditional generators take ``captions`` (``per_caption`` images each, one grid row per
-    caption) encoded by ``t5`` ("" = the T5 the export records)."""
+    caption) encoded by ``t5`` ("" = the T5 the export records). A DiT over a text tokenizer's codes
+    (TexTok) decodes T2I samples with their own captions and class samples with one caption of their
+    class each, drawn (seeded by ``opts.seed``) from ``class_captions`` ("" = the file its export
+    records; ``vtok data class-captions`` writes it)."""
     from vtok.models.generators.dit import DiT
 
     if opts.dtype not in DTYPES:
@@ -270,6 +309,9 @@ def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOpt
                         + (" instead of --classes" if classes else ""))
     if text and per_caption < 1:
         raise EvalError(f"--per-caption {per_caption}: expected >= 1")
+    if class_captions and (text or not isinstance(generator, DiT)):
+        raise EvalError(f"--class-captions: {generator_dir} is a {'text-conditional' if text else kind} generator; "
+                        "the caption list is for a class-conditional DiT over a text tokenizer (TexTok): drop it")
     if isinstance(generator, DiT) and opts.num_tokens:
         raise EvalError(f"--num-tokens {opts.num_tokens}: {generator_dir} is a DiT, which samples all its tokens; "
                         "--num-tokens is for a GPT on a variable-length tokenizer (FlexTok)")
@@ -279,7 +321,7 @@ def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOpt
         cond = text_condition(export, generator_dir, captions, per_caption, t5, device)
     else:
         cond = labels = class_labels(generator.cfg.num_classes, classes, per_class)
-    start = time.perf_counter()
+    start, drawn = time.perf_counter(), []
     if isinstance(generator, DiT):
         from vtok.tasks.dit import make_decoder
 
@@ -288,7 +330,9 @@ def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOpt
             named = export.meta.get("tokenizer") or export.meta.get("vae") or "nothing"
             raise EvalError(f"{generator_dir}: cannot decode its samples: the decoder its export names "
                             f"({named}) is not there; pass --tokenizer DIR")
-        images, _ = sample_diffusion(generator, decode, cond, export.meta.get("diffusion", {}), opts, progress)
+        rows, drawn = decoder_captions(decode, export, generator_dir, cond, class_captions, opts.seed)
+        images, _ = sample_diffusion(generator, decode, cond, export.meta.get("diffusion", {}), opts, progress,
+                                     decode_rows=rows)
     else:
         tokenizer_dir = tokenizer_dir or export.meta.get("tokenizer", "")
         if not tokenizer_dir:
@@ -309,6 +353,8 @@ def run_sample(generator_dir: str, tokenizer_dir: str, out: str, opts: SampleOpt
         extra = {"num_tokens": np.array(opts.num_tokens)} if opts.num_tokens else {}
         if text:
             extra["captions"] = np.array(captions)[labels.numpy()]
+        elif drawn:  # the class captions the detokenizer read
+            extra["decode_captions"] = np.array(drawn)
         np.savez(buf, arr_0=to_uint8(images), labels=labels.numpy(), **extra)
         atomic_write_bytes(out_dir / "samples.npz", buf.getvalue())
         summary["npz"] = str(out_dir / "samples.npz")

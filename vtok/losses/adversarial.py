@@ -13,7 +13,11 @@ discriminator phase's loss on them::
 ``disc`` is the (possibly wrapped) module the task calls; ``adv.discriminator`` is the raw one.
 With ``r1_weight`` > 0 the discriminator loss adds StyleGAN2's R1 penalty on the real images,
 ``r1_weight / 2 * E||grad_x D(x)||^2`` (``r1_weight`` is StyleGAN2's gamma; metrics["r1"] is the
-expectation without the factor).
+expectation without the factor). The reals' forward then goes through
+``vtok.parallel.strategy.for_double_backward(disc)``: the penalty's gradient is taken w.r.t. the
+inputs only and the penalty joins the loss that the strategy backpropagates, which FSDP2 (gathered
+parameters kept through the first backward) and DeepSpeed (the engine's module, no early reduction
+epilogue) need.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from vtok.config import RecipeError
 from vtok.losses.gan import (LeCAM, PatchGANDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss,
                              non_saturating_d_loss, non_saturating_g_loss)
 from vtok.losses.stylegan_disc import StyleGANDiscriminator, r1_from_logits
+from vtok.parallel.strategy import for_double_backward
 
 GAN_LOSSES: dict[str, tuple[Callable, Callable]] = {
     "hinge": (hinge_d_loss, hinge_g_loss),
@@ -132,7 +137,8 @@ class Adversarial:
                 fake = regenerate()
         r1 = self.cfg.r1_weight > 0
         real_in = real.detach().requires_grad_(True) if r1 else real
-        real_logits, fake_logits = disc(real_in), disc(fake.detach())
+        real_logits = (for_double_backward(disc) if r1 else disc)(real_in)
+        fake_logits = disc(fake.detach())
         loss = self.d_loss(real_logits, fake_logits)
         metrics = {"logits_real": real_logits.detach().mean(), "logits_fake": fake_logits.detach().mean()}
         if r1:  # one forward on the reals serves the loss and the penalty

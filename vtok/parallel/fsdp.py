@@ -59,6 +59,11 @@ class FSDP2Strategy(Strategy):
         finally:
             module.reshard()
 
+    def backward(self, loss: torch.Tensor, name: str, last: bool, grad_accum: int) -> None:
+        super().backward(loss, name, last, grad_accum)
+        for m in self.raw.values():  # a double backward's hold ends with the loss's backward
+            release_after_double_backward(m)
+
     def _group(self, name: str) -> nn.Module:
         modules = self.phase_modules(name)
         return modules[0] if len(modules) == 1 else nn.ModuleList(modules)
@@ -96,6 +101,33 @@ class FSDP2Strategy(Strategy):
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.raw[name], options=opts)
+
+
+_HELD = "_vtok_unsharded_through_backward"
+
+
+def hold_for_double_backward(module: nn.Module) -> None:
+    """Keep FSDP2 ``module``'s gathered parameters after the backward in progress (a no-op for an
+    unwrapped module). A double backward (``autograd.grad(create_graph=True)``, e.g. an R1 penalty)
+    saves the *unsharded* parameters in the graph of the gradient it returns; FSDP2 frees them when
+    that first backward ends, so the loss's backward through that graph would read freed storage
+    ("data is not allocated yet"). Call before the first backward; ``FSDP2Strategy.backward``
+    restores resharding and frees them after the loss's backward (``release_after_double_backward``),
+    which also registers the sharded parameters (and their reduced grads) on the module again."""
+    if hasattr(module, "set_reshard_after_backward"):  # an FSDPModule (the root of its sub-wraps)
+        module.set_reshard_after_backward(False)
+        setattr(module, _HELD, True)
+
+
+def release_after_double_backward(module: nn.Module) -> None:
+    """Undo ``hold_for_double_backward`` on ``module``: reshard after backward again, free now."""
+    if not getattr(module, _HELD, False):
+        return
+    module.set_reshard_after_backward(True)
+    for sub in module.modules():
+        if hasattr(sub, "reshard"):
+            sub.reshard()
+    setattr(module, _HELD, False)
 
 
 def read_dcp_module(path: Path, name: str, template: nn.Module, ema: bool) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ hands each optimizer's module to a ZeRO engine.
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -49,6 +50,25 @@ def zero_loss(modules: list[nn.Module]) -> torch.Tensor:
     gradient hooks and engines' micro-step counters in step when a micro-batch is skipped)."""
     terms = [p.sum() * 0.0 for m in modules for p in m.parameters() if p.requires_grad]
     return torch.stack(terms).sum()
+
+
+def for_double_backward(module: nn.Module) -> nn.Module:
+    """The module to call for a forward whose outputs are differentiated twice: first by
+    ``autograd.grad(..., create_graph=True)`` w.r.t. the *inputs* only (an R1 penalty), then by the
+    strategy's backward of a loss that holds that gradient. A DeepSpeed engine runs its gradient
+    reduction epilogue after *any* backward through its outputs (the inputs-only one has no
+    gradients to reduce: IndexError in ZeRO's average_tensor), so the forward goes through the engine's
+    module; its parameters' gradients still reach the engine in ``engine.backward(loss)``. FSDP2 keeps
+    the gathered parameters through the first backward (see ``fsdp.hold_for_double_backward``).
+    DDP and plain modules are returned as they are."""
+    ds = sys.modules.get("deepspeed")
+    if ds is not None and isinstance(module, ds.DeepSpeedEngine):
+        return module.module
+    if hasattr(module, "set_reshard_after_backward"):  # FSDP2
+        from vtok.parallel.fsdp import hold_for_double_backward
+
+        hold_for_double_backward(module)
+    return module
 
 
 class Strategy:

@@ -83,14 +83,16 @@ def decoder_info(source: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_decoder(meta: dict[str, Any], tokenizer_dir: str = "", device: torch.device | str = "cpu"
-                 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """samples (B, *token_shape) -> images (B, 3, H, W) in [-1, 1], from a DiT export's metadata
-    (``tokenizer_dir`` overrides its tokenizer); None when the decoder named there is missing."""
+                 ) -> Callable[..., torch.Tensor] | None:
+    """``decode(samples (B, *token_shape), cond=None) -> images (B, 3, H, W)`` in [-1, 1], from a DiT
+    export's metadata (``tokenizer_dir`` overrides its tokenizer); None when the decoder named there
+    is missing. A text-conditioned tokenizer (TexTok) needs ``cond``: the captions' Condition(text,
+    text_mask) of the rows; ``decode.needs_text`` says so (``decode.text_dim``: its T5 width)."""
     from vtok.models.export import load_export
 
     source = meta.get("source", "image")
     if source == "image":
-        return lambda x: x.float()
+        return _decoder(lambda x, cond=None: x.float())
     if source == "latents" and not tokenizer_dir:
         vae_dir = meta.get("vae", "")
         if not (Path(vae_dir) / "config.json").is_file():
@@ -99,17 +101,60 @@ def make_decoder(meta: dict[str, Any], tokenizer_dir: str = "", device: torch.de
 
         vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).to(device).eval()
         scale, shift = float(meta.get("latent_scaling", 1.0)), float(meta.get("latent_shift", 0.0))
-        return lambda z: vae.decode(z.float().to(device) / scale + shift).sample.float()
+        return _decoder(lambda z, cond=None: vae.decode(z.float().to(device) / scale + shift).sample.float())
     path = tokenizer_dir or meta.get("tokenizer", "")
     if not (Path(path) / "config.json").is_file():
         return None
-    tokenizer = load_export(path, "tokenizer", device).model
-    return lambda z: tokenizer.decode(z.to(device)).float()
+    export = load_export(path, "tokenizer", device)
+    tokenizer = export.model
+    if export.token_spec.condition != "text":
+        return _decoder(lambda z, cond=None: tokenizer.decode(z.to(device)).float())
+
+    def decode(z: torch.Tensor, cond: Condition | None = None) -> torch.Tensor:
+        if cond is None or cond.text is None:
+            raise RecipeError(f"the tokenizer {path} decodes with captions (text-conditioned, e.g. TexTok): "
+                              "pass the rows' Condition(text=..., text_mask=...)")
+        return tokenizer.decode(z.to(device), Condition(text=cond.text, text_mask=cond.text_mask).to(device)).float()
+    return _decoder(decode, needs_text=True, text_dim=int(getattr(tokenizer.cfg, "text_dim", 0)))
+
+
+def _decoder(fn: Callable[..., torch.Tensor], needs_text: bool = False, text_dim: int = 0) -> Callable[..., torch.Tensor]:
+    fn.needs_text, fn.text_dim = needs_text, text_dim  # type: ignore[attr-defined]
+    return fn
+
+
+def missing_class_captions(what: str, fix: str) -> str:
+    """The one-line error of a class DiT over a text tokenizer's codes without a caption list."""
+    return (f"{what} of a class-conditional DiT decode through a text-conditioned tokenizer (TexTok), which needs "
+            f"a caption per sample: {fix}; build the file with `vtok data class-captions --data IMAGE_SHARDS "
+            "--out FILE.json`")
+
+
+def text_meta_path(recipe: Any, explicit: str = "") -> tuple[Path, dict[str, Any]]:
+    """``(path, contents)`` of the shards' ``text-emb.json``: ``explicit``, else beside
+    ``data.train_shards``, else (code shards of ``vtok precompute codes``, which keep the text fields)
+    beside the shards those were made from (``precompute.json``'s input spec)."""
+    if explicit:
+        return read_shard_meta(recipe.data.train_shards, "text-emb.json", "text-emb", "model.text_meta", explicit)
+    try:
+        return read_shard_meta(recipe.data.train_shards, "text-emb.json", "text-emb", "model.text_meta")
+    except RecipeError as missing:
+        try:
+            _, summary = read_shard_meta(recipe.data.train_shards, "precompute.json", "codes", "model.text_meta")
+        except RecipeError:
+            raise missing from None
+        spec = (summary.get("input") or {}).get("spec", "")
+        if not spec:
+            raise missing from None
+        try:
+            return read_shard_meta(spec, "text-emb.json", "text-emb", "model.text_meta")
+        except RecipeError:
+            raise RecipeError(f"{missing} (nor beside {spec}, the shards these were precomputed from)") from None
 
 
 def text_shape(recipe: Any, explicit: str = "") -> tuple[int, int]:
     """(L, D) of the shards' T5 embeddings, from the ``text-emb.json`` of ``vtok precompute text-emb``."""
-    _, meta = read_shard_meta(recipe.data.train_shards, "text-emb.json", "text-emb", "model.text_meta", explicit)
+    _, meta = text_meta_path(recipe, explicit)
     length, width = (int(v) for v in meta["shape"][-2:])
     return length, width
 
@@ -117,7 +162,7 @@ def text_shape(recipe: Any, explicit: str = "") -> tuple[int, int]:
 def text_encoder_info(recipe: Any, explicit: str = "") -> dict[str, Any]:
     """Export metadata of a text-conditional generator: the T5 its captions were encoded with (the
     ``text-emb.json`` of ``vtok precompute text-emb``), so ``vtok sample --caption`` encodes alike."""
-    _, meta = read_shard_meta(recipe.data.train_shards, "text-emb.json", "text-emb", "model.text_meta", explicit)
+    _, meta = text_meta_path(recipe, explicit)
     return {"text_encoder": {"encoder": meta.get("encoder", ""), "tokenizer": meta.get("tokenizer", ""),
                              "max_length": int(meta.get("max_length", meta["shape"][-2]))}}
 
@@ -163,7 +208,11 @@ class DiTTask(TrainTask):
         # "class" (cls labels) | "text" (DiT-T2I: cross-attention over the shards' T5 text_emb + text_mask,
         # sized from their text-emb.json; class_dropout then drops captions to the learned null one)
         condition: str = "class"
-        text_meta: str = ""  # text-emb.json of the shards (default: beside data.train_shards)
+        text_meta: str = ""  # text-emb.json of the shards (default: beside data.train_shards, or beside
+        # the image shards that code shards were precomputed from)
+        # class DiT on a text-conditioned tokenizer's codes (TexTok): `vtok data class-captions` JSON; eval
+        # grids and `vtok sample` decode each sample with a caption of its class drawn from it
+        class_captions: str = ""
         num_classes: int = 1000
         class_dropout: float = 0.1  # DiT: label -> null w.p. 0.1 (classifier-free guidance)
         # size overrides of the arch (0 = the registry's); tiny recipes use them
@@ -248,6 +297,15 @@ class DiTTask(TrainTask):
         self.frozen = {}
         self._features: torch.Tensor | None = None  # REPA features of the last forward
         self.conditions = ConditionSource(cfg.condition, cfg.num_classes, cfg.eval_classes, cfg.eval_per_class)
+        self._captions: Any = None  # ClassCaptions of a class DiT over a text tokenizer's codes
+        if self.source["source"] == "codes" and self.spec.condition == "text" and cfg.condition == "class":
+            if cfg.class_captions:
+                from vtok.data.class_captions import ClassCaptions
+
+                self._captions = ClassCaptions.load(cfg.class_captions)
+            elif recipe.train.eval_every > 0:
+                raise RecipeError(missing_class_captions("the eval grids", "set model.class_captions=FILE.json "
+                                                         "(or train.eval_every=0)"))
         if cfg.repa_depth:
             self.frozen["repa_teacher"] = self._build_repa_teacher(cfg, recipe, model)
 
@@ -307,7 +365,8 @@ class DiTTask(TrainTask):
     def evaluate(self, step: int, run_dir: str) -> dict[str, float]:
         """Class-conditional samples as a grid at ``<run_dir>/samples/step_<N>.png`` (rank 0; decoded
         by the VAE / tokenizer the data names, or shown directly for pixels; skipped with a warning
-        when that decoder is missing). Every rank samples the same rows in lockstep, so FSDP2 /
+        when that decoder is missing; a text tokenizer (TexTok) decodes T2I rows with their captions and
+        class rows with captions drawn from ``model.class_captions``, seeded by the step). Every rank samples the same rows in lockstep, so FSDP2 /
         ZeRO-3 gather parameters as in training."""
         from vtok.eval.grid import save_grid
 
@@ -330,7 +389,10 @@ class DiTTask(TrainTask):
                 if not self._decoder:
                     log.warning("no sample grids: the decoder the data names (%s) is not there", meta)
             if self._decoder:
-                images = self._decoder(x).clamp(-1, 1)
+                dcond = cond if cond.text is not None else None
+                if self._captions is not None and self._decoder.needs_text:  # a caption of each row's class
+                    dcond, _ = self._captions.condition(cond.labels, torch.Generator().manual_seed(step))
+                images = self._decoder(x, dcond).clamp(-1, 1)
                 save_grid(images, Path(run_dir) / "samples" / f"step_{step:09d}.png", nrow=self.cfg.eval_per_class)
         return metrics
 
@@ -355,4 +417,5 @@ class DiTTask(TrainTask):
         spec = replace(source["token_spec"], condition=cfg.condition)
         return {"arch": cfg.arch, "token_spec": spec, "source": source["source"],
                 "diffusion": cls.diffusion_settings(cfg), **decoder_info(source),
-                **(text_encoder_info(recipe, cfg.text_meta) if cfg.condition == "text" else {})}
+                **(text_encoder_info(recipe, cfg.text_meta) if cfg.condition == "text" else {}),
+                **({"class_captions": str(Path(cfg.class_captions).resolve())} if cfg.class_captions else {})}
