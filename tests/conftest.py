@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from vtok.config import load_recipe
 from vtok.data.synthetic import write_synthetic
@@ -116,3 +117,13 @@ def read_metrics(run_dir) -> list[dict]:
     from pathlib import Path
 
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models run faster on a shared machine, and an in-process
+    run is then the same float sequence on any machine size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -107,3 +107,25 @@ def test_demo_flextok_family_runs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vtok", "demo", "--family", "flextok", "--num-tokens", "0,x",
                           "--out", tmp_path / "bad"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--num-tokens '0,x'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(600)  # under a minute on 2 idle cores
+def test_demo_textok_family_runs(tmp_path):
+    """`vtok demo --family textok`, shortened (the same stages and code as the full command): data ->
+    a tiny random T5 -> caption embeddings -> smoke TexTok -> PSNR with and without captions -> token
+    shards -> smoke DiT-T2I -> samples for one typed caption per class, judged. Plumbing only at this
+    length: text helping TexTok is tests/test_textok_task.py's, DiT-T2I learning tests/test_dit_task.py's."""
+    out = tmp_path / "textok"
+    proc = vtok("demo", "--family", "textok", "--out", out, "--num-samples", 256, "--tokenizer-steps", 20,
+                "--generator-steps", 20, "--per-class", 1)
+    report = json.loads((out / "demo.json").read_text())
+    for name in ("samples.png", "samples.npz", "recon_grid.png", "recon.json", "t5/config.json",
+                 "generator/config.json", "tokenizer/config.json"):
+        assert (out / name).is_file(), name
+    assert "with the captions masked" in proc.stdout and str(out / "samples.png") in proc.stdout
+    assert {"psnr", "ssim"} <= set(report["tokenizer"]["without_text"])
+    samples = report["samples"]
+    assert samples["num_images"] == 24 and len(samples["captions"]) == 24
+    assert samples["captions"][0] == "a red circle on a white background" and samples["real"]["colour_match"] > 0.95
+    with np.load(out / "samples.npz") as z:
+        assert z["arr_0"].shape == (24, 32, 32, 3) and z["labels"].tolist() == list(range(24))

@@ -16,13 +16,8 @@ from vtok.models.diffusion import (GaussianDiffusion, Guidance, MomentumBuffer, 
 NONE = Condition()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The samplers run many small ops: one intra-op thread is several times faster on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
+
 MU, S = torch.tensor([1.5, -0.5]), torch.tensor([0.5, 2.0])  # flow target N(MU, S^2), per dim
 
 

@@ -38,15 +38,6 @@ def held_out(n: int, resolution: int = 16) -> tuple[torch.Tensor, np.ndarray]:
     return x, np.array(classes)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the in-process run is then the same float sequence on any machine size."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_flextok_learns_coarse_to_fine_and_exports(shards, tmp_path, one_thread):
     # 900 steps (the recipe's 3000 with a cosine lr over 900) on the test's 240 images
     trainer = Trainer(recipe(shards["wds"], tmp_path / "run", "train.steps=900", "ckpt.every_steps=300",

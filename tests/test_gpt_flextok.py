@@ -34,16 +34,6 @@ def recipe(shards, run_dir, *extra):
                                "train.eval_every=0", *extra])
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: tiny models run several times faster on a shared 2-core machine, and the
-    run is the same float sequence on any machine size."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def flextok_codes(shards, tmp_path_factory):
     """A tiny FlexTok exported as the flextok task exports an identity-VAE run, and its codes of the

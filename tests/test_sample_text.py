@@ -30,13 +30,7 @@ WORDS = ("a an the red green blue yellow orange purple circle square triangle st
 CAPTIONS = ("a red circle on a white background", "a blue square on a grey background")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models run faster on a shared machine, and runs are reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def save_t5(path, width: int = WIDTH) -> None:
@@ -136,7 +130,6 @@ def test_text_gpt_samples_one_row_per_caption_from_a_k_token_prefix(text_setup, 
         assert int(f["num_tokens"]) == 4
     pad = 2  # save_grid's padding: 2 rows (captions) x 3 columns
     assert Image.open(out / "samples.png").size == (3 * (RES + pad) + pad, 2 * (RES + pad) + pad)
-
 
 
 def test_captions_steer_the_text_gpt_at_a_fixed_seed(text_setup):

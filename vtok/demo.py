@@ -19,6 +19,11 @@ the identity "VAE" (the 16 px pixels are the latents) so that it fits on 2 CPU c
       ──▶ token shards ──▶ smoke GPT (recipes/smoke/gpt_flextok_shapes.yaml) ──▶ export
       ──▶ class-conditional samples from the first K tokens, for each K in --num-tokens ──▶ demo.json
 
+``--family textok``: captions -> T5 embeddings (a tiny random T5 built offline) -> a TexTok that
+reads them in context (recipes/smoke/textok_shapes.yaml) -> PSNR with and without the captions ->
+token shards (with the captions) -> a DiT-T2I on the tokens (recipes/smoke/dit_textok_t2i.yaml) ->
+samples for one typed caption per class ("a red circle on a white background"), judged.
+
 Every stage resumes: finished shards, trained runs (``COMPLETE``) and exports are kept, so a second
 ``vtok demo`` only re-samples. Class faithfulness (``vtok.eval.judge``): the colour of each sample's
 shape and its shape, judged against the class it was asked for (chance 1/6 and 1/4), with an
@@ -46,13 +51,14 @@ class DemoOptions:
     out: str = field(default="vtok_demo", metadata={"help": "output directory (default: vtok_demo)"})
     family: str = field(default="fqgan", metadata={
         "help": "fqgan: FQGAN tokenizer -> codes -> FAR (AR); dit: a DiT on the 16 px images (diffusion); "
-                "flextok: FlexTok (ordered 1D tokens) -> tokens -> a GPT sampled at several lengths"})
+                "flextok: FlexTok (ordered 1D tokens) -> tokens -> a GPT sampled at several lengths; "
+                "textok: captions -> T5 -> TexTok (text in context) -> tokens -> DiT-T2I sampled from typed captions"})
     num_samples: int = field(default=2048, metadata={"help": "training images"})
     samples_per_shard: int = 128
     resolution: int = 32
     workers: int = field(default=2, metadata={"help": "data loader workers"})
     tokenizer_steps: int = field(default=0, metadata={
-        "help": "steps of the tokenizer (default 0: the family's, fqgan 400, flextok 3000)"})
+        "help": "steps of the tokenizer (default 0: the family's, fqgan 400, flextok 3000, textok 400)"})
     generator_steps: int = field(default=600, metadata={"help": "steps of the FAR / DiT / GPT generator"})
     generator_batch: int = field(default=0, metadata={"help": "batch size of the generator (default 0: its recipe's)"})
     per_class: int = field(default=4, metadata={"help": "samples per class (24 classes)"})
@@ -99,9 +105,10 @@ def class_faithfulness(images: np.ndarray, labels: np.ndarray) -> float:
     return float((dominant_colour(images) == colour_of_class(labels)).mean())
 
 
-FAMILIES = ("fqgan", "dit", "flextok")
-GUIDANCE = {"fqgan": 2.0, "dit": 3.0, "flextok": 2.0}  # measured best class match of each smoke generator
-TOKENIZER_STEPS = {"fqgan": 400, "dit": 0, "flextok": 3000}
+FAMILIES = ("fqgan", "dit", "flextok", "textok")
+GUIDANCE = {"fqgan": 2.0, "dit": 3.0, "flextok": 2.0, "textok": 3.0}  # best class match of each smoke generator
+TOKENIZER_STEPS = {"fqgan": 400, "dit": 0, "flextok": 3000, "textok": 400}
+STAGES = {"fqgan": 5, "dit": 3, "flextok": 5, "textok": 6}
 
 
 def run_demo(opts: DemoOptions) -> dict:
@@ -116,7 +123,7 @@ def run_demo(opts: DemoOptions) -> dict:
     lengths = _parse_num_tokens(opts.num_tokens) if opts.family == "flextok" else []
     timings: dict[str, float] = {}
     report: dict = {"options": vars(opts)}
-    stages = 3 if opts.family == "dit" else 5
+    stages = STAGES[opts.family]
     t = _stage(f"1/{stages} data: {opts.num_samples} synthetic {opts.resolution}px shapes (24 classes) -> {out}/wds")
     _data(opts, out)
     timings["data"] = time.perf_counter() - t
@@ -124,11 +131,15 @@ def run_demo(opts: DemoOptions) -> dict:
         tokenizer, res = _fqgan_stages(opts, out, report, timings), opts.resolution
     elif opts.family == "flextok":
         tokenizer, res = _flextok_stages(opts, out, report, timings), opts.dit_resolution
+    elif opts.family == "textok":
+        tokenizer, res = _textok_stages(opts, out, report, timings), opts.resolution
     else:
         tokenizer, res = _dit_stage(opts, out, report, timings), opts.dit_resolution
     t = _stage(f"{stages}/{stages} sampling: {opts.per_class} per class, guidance {opts.guidance}"
                + (f", from the first K = {', '.join(map(str, lengths))} tokens" if lengths else ""))
-    if lengths:
+    if opts.family == "textok":
+        report["samples"] = _sample_captions(opts, out, tokenizer)
+    elif lengths:
         report["samples_by_k"] = {k: _sample(opts, out, tokenizer, res, num_tokens=k)
                                   for k in lengths}
         for k, s in report["samples_by_k"].items():
@@ -148,6 +159,7 @@ def run_demo(opts: DemoOptions) -> dict:
           f"judge inception score {s['inception_score']:.1f} ({s['real']['inception_score']:.1f}) of 24")
     print(f"stage times: {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")
     recon = {"fqgan": f"{out / 'recon_grid.png'} (originals above reconstructions), ",
+             "textok": f"{out / 'recon_grid.png'} (originals, then reconstructions with and without captions), ",
              "flextok": f"{out / 'coarse_to_fine.png'} (input, then decodes from k = 1, 2, 4, ... tokens), "
                         f"{out / 'by_length.png'}, "}.get(opts.family, "")
     print(f"pictures: {report['samples']['grid']} (one row per class), {recon}{out / 'runs/generator/samples'}/ "
@@ -180,8 +192,6 @@ def _data(opts: DemoOptions, out: Path) -> None:
 def _fqgan_stages(opts: DemoOptions, out: Path, report: dict, timings: dict[str, float]) -> str:
     """Tokenizer, reconstruction eval, code shards and the FAR generator; returns the tokenizer dir."""
     from vtok.eval.recon import evaluate_recon
-    from vtok.parallel.dist import init_distributed
-    from vtok.precompute.codes import precompute_codes
 
     res, common = opts.resolution, _common(opts, opts.resolution)
     t = _stage(f"2/5 tokenizer: smoke FQGAN-Dual, {opts.tokenizer_steps} steps")
@@ -195,17 +205,28 @@ def _fqgan_stages(opts: DemoOptions, out: Path, report: dict, timings: dict[str,
                                                                           ("psnr", "ssim", "codebooks")}}
     timings["tokenizer"] = time.perf_counter() - t
 
-    t = _stage("3/5 codes: frozen tokenizer -> code shards (image + mirror)")
-    precompute_codes(str(out / "tokenizer"), str(out / "wds"), str(out / "codes"), init_distributed(),
-                     resolution=res, flip=True, batch_size=64)
-    timings["codes"] = time.perf_counter() - t
+    _codes_and_generator(opts, out, report, timings, "wds", "far_dual.yaml", res, flip=True,
+                         titles=("3/5 codes: frozen tokenizer -> code shards (image + mirror)",
+                                 f"4/5 generator: smoke FAR on the codes, {opts.generator_steps} steps"))
+    return str(out / "tokenizer")
 
-    t = _stage(f"4/5 generator: smoke FAR on the codes, {opts.generator_steps} steps")
-    last = _train("far_dual.yaml", [*common, f"data.train_shards={out / 'codes'}", f"run_dir={out / 'runs/generator'}",
-                                    *_generator_args(opts)], out / "generator")
+
+def _codes_and_generator(opts: DemoOptions, out: Path, report: dict, timings: dict[str, float], data: str,
+                         recipe: str, res: int, *, titles: tuple[str, str], flip: bool = False) -> None:
+    """The frozen ``<out>/tokenizer`` encodes ``<out>/<data>`` into ``<out>/codes`` (resumable), then the
+    generator ``recipe`` trains on them and is exported to ``<out>/generator``."""
+    from vtok.parallel.dist import init_distributed
+    from vtok.precompute.codes import precompute_codes
+
+    t = _stage(titles[0])
+    precompute_codes(str(out / "tokenizer"), str(out / data), str(out / "codes"), init_distributed(),
+                     resolution=res, flip=flip, batch_size=64)
+    timings["codes"] = time.perf_counter() - t
+    t = _stage(titles[1])
+    last = _train(recipe, [*_common(opts, res), f"data.train_shards={out / 'codes'}",
+                           f"run_dir={out / 'runs/generator'}", *_generator_args(opts)], out / "generator")
     report["generator"] = {k: v for k, v in last.items() if k.startswith("main/")}
     timings["generator"] = time.perf_counter() - t
-    return str(out / "tokenizer")
 
 
 def _parse_num_tokens(text: str) -> list[int]:
@@ -227,8 +248,6 @@ FLEXTOK_DECODE_STEPS = 10  # Euler steps of the smoke FlexTok's decoder (no guid
 def _flextok_stages(opts: DemoOptions, out: Path, report: dict, timings: dict[str, float]) -> str:
     """Tokenizer, its evaluation by length, token shards and the GPT; returns the tokenizer dir."""
     from vtok.eval.recon import evaluate_recon
-    from vtok.parallel.dist import init_distributed
-    from vtok.precompute.codes import precompute_codes
 
     res, common = opts.dit_resolution, _common(opts, opts.dit_resolution)
     t = _stage(f"2/5 tokenizer: smoke FlexTok (identity VAE, {res}px), {opts.tokenizer_steps} steps")
@@ -246,18 +265,80 @@ def _flextok_stages(opts: DemoOptions, out: Path, report: dict, timings: dict[st
                            "codebooks": recon["codebooks"]}
     timings["tokenizer"] = time.perf_counter() - t
 
-    t = _stage("3/5 tokens: frozen FlexTok -> token shards")
-    precompute_codes(str(out / "tokenizer"), str(out / "wds"), str(out / "codes"), init_distributed(),
-                     resolution=res, batch_size=64)
-    timings["codes"] = time.perf_counter() - t
-
-    t = _stage(f"4/5 generator: smoke GPT on the ordered tokens, {opts.generator_steps} steps")
-    last = _train("gpt_flextok_shapes.yaml", [*common, f"data.train_shards={out / 'codes'}",
-                                              f"run_dir={out / 'runs/generator'}",
-                                              *_generator_args(opts)], out / "generator")
-    report["generator"] = {k: v for k, v in last.items() if k.startswith("main/")}
-    timings["generator"] = time.perf_counter() - t
+    _codes_and_generator(opts, out, report, timings, "wds", "gpt_flextok_shapes.yaml", res,
+                         titles=("3/5 tokens: frozen FlexTok -> token shards",
+                                 f"4/5 generator: smoke GPT on the ordered tokens, {opts.generator_steps} steps"))
     return str(out / "tokenizer")
+
+
+def _textok_stages(opts: DemoOptions, out: Path, report: dict, timings: dict[str, float]) -> str:
+    """Caption embeddings, the TexTok (with its with / without text evaluation), its tokens and the
+    DiT-T2I; returns the tokenizer dir."""
+    from vtok.eval.recon import evaluate_recon
+    from vtok.parallel.dist import init_distributed
+    from vtok.precompute.runner import RunnerOptions, run_job
+    from vtok.precompute.text_emb import TextEmbJob, TextEmbOptions, save_random_t5
+
+    res, common = opts.resolution, _common(opts, opts.resolution)
+    t = _stage("2/6 text: captions -> T5 embeddings (a tiny random T5, built offline)")
+    if not (out / "t5" / "config.json").is_file():
+        save_random_t5(out / "t5")
+    for src in ("wds", "eval"):
+        run_job(TextEmbJob(TextEmbOptions(encoder=str(out / "t5"), max_length=TEXT_LENGTH)),
+                RunnerOptions(data=str(out / src), out=str(out / f"{src}_t5"), batch_size=128,
+                              workers=opts.workers), init_distributed())
+    timings["text"] = time.perf_counter() - t
+
+    t = _stage(f"3/6 tokenizer: smoke TexTok (captions in context), {opts.tokenizer_steps} steps")
+    last = _train("textok_shapes.yaml", [*common, f"data.train_shards={out / 'wds_t5'}",
+                                         f"run_dir={out / 'runs/tokenizer'}", f"train.steps={opts.tokenizer_steps}"],
+                  out / "tokenizer")
+    recon = evaluate_recon(str(out / "tokenizer"), str(out / "eval_t5"), str(out), resolution=res, batch_size=64)
+    without = recon["without_text"]
+    print(f"reconstruction of 256 held-out images: PSNR {recon['psnr']:.2f} dB with their captions, "
+          f"{without['psnr']:.2f} dB with the captions masked -> {out}/recon_grid.png")
+    report["tokenizer"] = {"train_psnr": last.get("eval/psnr"), "psnr": recon["psnr"], "ssim": recon["ssim"],
+                           "without_text": {k: without[k] for k in ("psnr", "ssim")}}
+    timings["tokenizer"] = time.perf_counter() - t
+
+    _codes_and_generator(opts, out, report, timings, "wds_t5", "dit_textok_t2i.yaml", res,
+                         titles=("4/6 tokens: frozen TexTok -> token shards (with the captions)",
+                                 f"5/6 generator: smoke DiT-T2I on the tokens, {opts.generator_steps} steps"))
+    return str(out / "tokenizer")
+
+
+TEXT_LENGTH = 16  # T5 tokens per caption in the textok demo (the shapes' captions have at most 9 words)
+
+
+def typed_captions(background: str = "white") -> tuple[list[str], np.ndarray]:
+    """One caption per class, in the synthetic data's own words ("a red circle on a white background"),
+    and the class ids (24,) they name."""
+    from vtok.data.synthetic import COLORS, SHAPES, class_id
+
+    captions, labels = [], []
+    for shape in SHAPES:
+        for colour in COLORS:
+            article = "an" if colour[0] in "aeiou" else "a"
+            captions.append(f"{article} {colour} {shape} on a {background} background")
+            labels.append(class_id(shape, colour))
+    return captions, np.array(labels)
+
+
+def _sample_captions(opts: DemoOptions, out: Path, tokenizer: str) -> dict:
+    """Samples of the DiT-T2I for one typed caption per class (``<out>/samples.png``: a row per
+    caption), judged for the colour and shape the caption names."""
+    from vtok.eval.judge import judge_samples
+    from vtok.eval.sample import SampleOptions, run_sample
+
+    captions, classes = typed_captions()
+    sampled = run_sample(str(out / "generator"), tokenizer, str(out),
+                         SampleOptions(guidance=opts.guidance, seed=opts.seed, batch_size=48),
+                         captions=captions, per_caption=opts.per_class, npz=True)
+    with np.load(sampled["npz"]) as z:
+        images, labels = z["arr_0"], classes[z["labels"]]
+    judged = judge_samples(images, labels, seed=opts.seed).to_dict()
+    return {"num_images": len(images), "grid": sampled["grid"], "guidance": opts.guidance, **judged,
+            "captions": captions}
 
 
 def _judge_reconstructions(tokenizer: Path, res: int, seed: int, count: int = 96) -> dict[int, dict]:
