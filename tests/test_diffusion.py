@@ -122,7 +122,7 @@ def test_linear_schedule_and_q_sample():
 def test_q_posterior_matches_bayes_rule():
     d = GaussianDiffusion(num_timesteps=100)
     x0, xt, t = torch.randn(3, 5), torch.randn(3, 5), torch.tensor([1, 40, 99])
-    beta, abar = d.betas[t].view(-1, 1), d.alphas_cumprod[t].view(-1, 1)
+    beta = d.betas[t].view(-1, 1)
     abar_prev = d.alphas_cumprod[t - 1].view(-1, 1)
     # q(x_{t-1}|x_0) = N(sqrt(abar') x0, 1-abar'), q(x_t|x_{t-1}) = N(sqrt(1-beta) x_{t-1}, beta)
     precision = 1 / (1 - abar_prev) + (1 - beta) / beta

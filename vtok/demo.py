@@ -58,8 +58,9 @@ class DemoOptions:
     resolution: int = 32
     workers: int = field(default=2, metadata={"help": "data loader workers"})
     tokenizer_steps: int = field(default=0, metadata={
-        "help": "steps of the tokenizer (default 0: the family's, fqgan 400, flextok 3000, textok 400)"})
-    generator_steps: int = field(default=600, metadata={"help": "steps of the FAR / DiT / GPT generator"})
+        "help": "steps of the tokenizer (default 0: the family's, fqgan 400, flextok 3000, textok 3000)"})
+    generator_steps: int = field(default=0, metadata={
+        "help": "steps of the FAR / DiT / GPT / DiT-T2I generator (default 0: the family's, 600; textok 1500)"})
     generator_batch: int = field(default=0, metadata={"help": "batch size of the generator (default 0: its recipe's)"})
     per_class: int = field(default=4, metadata={"help": "samples per class (24 classes)"})
     guidance: float = field(default=0.0, metadata={
@@ -107,7 +108,9 @@ def class_faithfulness(images: np.ndarray, labels: np.ndarray) -> float:
 
 FAMILIES = ("fqgan", "dit", "flextok", "textok")
 GUIDANCE = {"fqgan": 2.0, "dit": 3.0, "flextok": 2.0, "textok": 3.0}  # best class match of each smoke generator
-TOKENIZER_STEPS = {"fqgan": 400, "dit": 0, "flextok": 3000, "textok": 400}
+# textok 3000: at 400 steps its reconstructions are pale blobs (5% keep the colour) that the DiT cannot colour
+TOKENIZER_STEPS = {"fqgan": 400, "dit": 0, "flextok": 3000, "textok": 3000}
+GENERATOR_STEPS = {"fqgan": 600, "dit": 600, "flextok": 600, "textok": 1500}
 STAGES = {"fqgan": 5, "dit": 3, "flextok": 5, "textok": 6}
 
 
@@ -119,7 +122,8 @@ def run_demo(opts: DemoOptions) -> dict:
         raise RecipeError(f"--family {opts.family!r}: expected one of {', '.join(FAMILIES)}")
     out = Path(opts.out).resolve()
     opts = replace(opts, guidance=opts.guidance or GUIDANCE[opts.family],
-                   tokenizer_steps=opts.tokenizer_steps or TOKENIZER_STEPS[opts.family])
+                   tokenizer_steps=opts.tokenizer_steps or TOKENIZER_STEPS[opts.family],
+                   generator_steps=opts.generator_steps or GENERATOR_STEPS[opts.family])
     lengths = _parse_num_tokens(opts.num_tokens) if opts.family == "flextok" else []
     timings: dict[str, float] = {}
     report: dict = {"options": vars(opts)}
