@@ -7,7 +7,11 @@
 # VTOK_RDZV_PORT (default 29500) override.
 set -euo pipefail
 
-head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?not inside a Slurm job}" | head -n 1)
+# The whole list first, then its first line: `scontrol ... | head -n 1` under pipefail dies of SIGPIPE
+# (exit 141, no message) whenever head closes the pipe before scontrol has written every name, and the
+# other nodes then wait for this one in the rendezvous until they time out.
+hosts=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?not inside a Slurm job}")
+head_node=${hosts%%$'\n'*}
 nnodes=${SLURM_NNODES:-1}
 node_rank=${SLURM_NODEID:-0}
 nproc=${VTOK_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}

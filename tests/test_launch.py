@@ -34,9 +34,10 @@ def test_two_nodes_rendezvous_from_slurm_env(shards, tmp_path):
            "VTOK_NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"}
     cmd = ["bash", str(LAUNCH), str(ROOT / "tests" / "train_entry.py"), "train", recipe,
            "parallel.strategy=ddp", "data.batch_size=4"]
-    # About 10 s alone. Once in a full-suite run the two "nodes" hung in the rendezvous for 300 s (a
-    # race for the free port, not reproduced alone): a hung attempt is killed and retried once on a
-    # fresh port, so the test still fails on a launcher that never rendezvouses.
+    # About 10 s alone. A hung attempt is killed and retried once on a fresh port (a race for the free
+    # port), so the test still fails on a launcher that never rendezvouses. (The hangs once seen in
+    # full-suite runs were one node dying of SIGPIPE in launch.sh, exit 141, while the other waited for
+    # it: test_head_node_survives_a_long_host_list.)
     for attempt in range(2):
         port = {"VTOK_RDZV_PORT": str(free_port()), "SLURM_JOB_ID": f"{4242 + attempt}"}
         nodes = [subprocess.Popen(cmd, env={**env, **port, "SLURM_NODEID": str(i)}, stdout=subprocess.PIPE,
@@ -57,6 +58,25 @@ def test_two_nodes_rendezvous_from_slurm_env(shards, tmp_path):
     info = (tmp_path / "run" / "run_info.json").read_text()
     assert '"world_size": 2' in info
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_head_node_survives_a_long_host_list(tmp_path):
+    """launch.sh takes the first host of `scontrol show hostnames` without a pipe that can die of
+    SIGPIPE: a 100,000-host list (scontrol still writing when the first line is read) launches."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && echo 127.0.0.1 && '
+                                      "seq 2 100000 | sed 's/^/node/'\n")
+    (bin_dir / "torchrun").write_text('#!/bin/sh\necho "torchrun $*"\n')  # stands in for the real launch
+    for tool in ("scontrol", "torchrun"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-100000]",
+           "SLURM_NNODES": "100000", "SLURM_NODEID": "3", "SLURM_JOB_ID": "9", "VTOK_NPROC_PER_NODE": "8"}
+    proc = subprocess.run(["bash", str(LAUNCH), "vtok", "train", "r.yaml"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "--rdzv_endpoint=127.0.0.1:29500" in proc.stdout and "--node_rank=3" in proc.stdout
+    assert "--nnodes=100000 --nproc_per_node=8" in proc.stdout and "-m vtok.cli train r.yaml" in proc.stdout
 
 
 def test_precompute_codes_script_splits_shards_over_ranks(shards, exported, tmp_path):
