@@ -139,3 +139,21 @@ def test_add_dataclass_args_bools_required_and_overrides():
 
     with pytest.raises(TypeError, match="Bad.items"):
         add_dataclass_args(argparse.ArgumentParser(), Bad)
+
+
+def test_a_command_leaves_its_process_group_before_exit():
+    """`vtok COMMAND` destroys the process group it ran in before returning: left to interpreter
+    finalization, Gloo's worker threads can abort a finished rank (SIGABRT, "terminate called without
+    an active exception"), which torchrun reports as a failed job."""
+    import torch.distributed as dist
+
+    from vtok.cli import main
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        assert main(["info", str(Path(__file__).parents[1] / "recipes" / "smoke" / "dit_shapes.yaml"),
+                     "--get", "train.steps"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -472,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS + (_training_errors() if args.command in ("train", "export") else ()) as e:
         print(f"vtok: error: {e}", file=sys.stderr)
         return 2
+    if "torch.distributed" in sys.modules:  # a command under torchrun: leave its process group cleanly
+        from vtok.parallel.dist import shutdown_distributed
+
+        shutdown_distributed()
     return 0
 
 

@@ -62,6 +62,15 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30,
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
+def shutdown_distributed() -> None:
+    """Destroy the default process group, if this process made one. Call it before the interpreter
+    exits: otherwise Gloo's worker threads may still hold tensors during finalization and the process
+    aborts (SIGABRT, "terminate called without an active exception") after its work is done, which
+    torchrun reports as a failed job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

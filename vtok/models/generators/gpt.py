@@ -11,8 +11,10 @@ Each position's token may be factorized into ``k`` sub-codes (one per FQGAN sub-
 embeds them separately, concatenates and projects (``merge``); the output is the FAR head, a small
 causal transformer run per position over ``[h_t, e_0(c_t0), ..., e_{k-2}(c_t,k-2)]`` whose j-th
 output predicts sub-code j, so sub-code j depends on the trunk state and sub-codes < j. With k = 1
-and no head layers this is exactly LlamaGen's GPT (RMSNorm, SwiGLU, 2D RoPE on the token grid, class
-token with identity rotation, zero-initialised output layer).
+and no head layers this is LlamaGen's GPT (RMSNorm, SwiGLU, 2D RoPE on the token grid, zero-initialised
+output layer) with one known difference: the class token's RoPE rows are the identity here, while
+LlamaGen's table (``precompute_freqs_cis_2d``) has zero rows there, which zeroes that token's query
+and key. Released LlamaGen weights need the zero rows to give LlamaGen's logits.
 
 1D tokenizers (FlexTok: ordered ids (1, R) over one 64,000-code FSQ codebook) get 1D RoPE over the R
 positions and train on all R tokens; ``generate(num_tokens=K)`` stops after the first K (the KV
