@@ -21,9 +21,10 @@ def random_codes(model: GPT, b: int = 3) -> torch.Tensor:
     return torch.randint(0, 11, (b, model.num_codebooks, *model.cfg.token_shape))
 
 
+@pytest.mark.parametrize("prefix_rope", ["identity", "zero"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_kv_cache_decoding_matches_full_forward(k):
-    model = tiny(k)
+def test_kv_cache_decoding_matches_full_forward(k, prefix_rope):
+    model = tiny(k, prefix_rope=prefix_rope)
     codes, labels = random_codes(model), torch.tensor([0, 3, 4])
     full = model(codes, C(labels=labels))  # teacher-forced logits at every position
     flat = codes.flatten(2)
@@ -137,6 +138,35 @@ def test_rope_2d_rotates_rows_and_columns_separately():
     assert torch.allclose(table[1 + 2, :2, 0], torch.ones(2))
     assert not torch.allclose(table[1 + 2, 2:, 0], torch.ones(2))
     assert torch.allclose(table[1 + 3, 2:, 0], torch.ones(2))  # position (1, 0)
+
+
+def llamagen_rope_2d(grid: int, head_dim: int, base: float, prefix: int) -> torch.Tensor:
+    """LlamaGen's 2D table, from its description (autoregressive/models/gpt.py, precompute_freqs_cis_2d):
+    half the head's pairs turn with the row and half with the column, at base^(-2i / (head_dim / 2));
+    float32 throughout; ``prefix`` rows of zeros (cos 0, sin 0) first for the condition tokens."""
+    half = head_dim // 2
+    freqs = 1.0 / base ** (torch.arange(0, half, 2)[: half // 2].float() / half)
+    angles = torch.outer(torch.arange(grid).float(), freqs)
+    grid_angles = torch.cat([angles[:, None].expand(-1, grid, -1), angles[None].expand(grid, -1, -1)], -1)
+    table = torch.stack([grid_angles.cos(), grid_angles.sin()], -1).flatten(0, 1)
+    return torch.cat([torch.zeros(prefix, half, 2), table])
+
+
+def test_zero_prefix_rope_is_llamagens_table_and_changes_the_logits():
+    """``prefix_rope="zero"``: the table equals LlamaGen's (the class token's query and key become
+    zero); the default identity rows differ only in the prefix, and so do the logits."""
+    for grid, head_dim, prefix in ((16, 64, 1), (3, 8, 120)):
+        zero = rope_2d(grid, grid, head_dim, prefix=prefix, prefix_rows="zero")
+        torch.testing.assert_close(zero, llamagen_rope_2d(grid, head_dim, 10000.0, prefix), atol=2e-6, rtol=0)
+        ident = rope_2d(grid, grid, head_dim, prefix=prefix)
+        assert torch.equal(ident[prefix:], zero[prefix:])
+        assert torch.equal(ident[:prefix, :, 0], torch.ones(prefix, head_dim // 2))
+    with pytest.raises(ValueError, match="prefix_rope"):
+        GPTConfig(prefix_rope="zeros")
+    a, b = tiny(), tiny(prefix_rope="zero")
+    b.load_state_dict(a.state_dict())  # the tables are not weights: the same weights load either way
+    codes, labels = random_codes(a), torch.tensor([0, 3, 4])
+    assert not torch.allclose(a(codes, C(labels=labels))[0], b(codes, C(labels=labels))[0], atol=1e-4)
 
 
 def test_generation_under_bf16_autocast_fills_a_bf16_cache():

@@ -14,7 +14,7 @@ output predicts sub-code j, so sub-code j depends on the trunk state and sub-cod
 and no head layers this is LlamaGen's GPT (RMSNorm, SwiGLU, 2D RoPE on the token grid, zero-initialised
 output layer) with one known difference: the class token's RoPE rows are the identity here, while
 LlamaGen's table (``precompute_freqs_cis_2d``) has zero rows there, which zeroes that token's query
-and key. Released LlamaGen weights need the zero rows to give LlamaGen's logits.
+and key. ``GPTConfig.prefix_rope="zero"`` builds LlamaGen's table (released LlamaGen weights need it).
 
 1D tokenizers (FlexTok: ordered ids (1, R) over one 64,000-code FSQ codebook) get 1D RoPE over the R
 positions and train on all R tokens; ``generate(num_tokens=K)`` stops after the first K (the KV
@@ -37,6 +37,7 @@ from torch import nn
 from vtok.models.api import Condition, TokenSpec
 from vtok.models.generators.sampling import guidance_at, sample_logits
 from vtok.models.layers import Block, KVCache, RMSNorm, causal_mask, rope_1d, rope_for_shape
+from vtok.models.layers.rope import PREFIX_ROWS
 
 CONDITIONS = ("class", "text")
 
@@ -57,6 +58,9 @@ class GPTConfig:
     token_dropout: float = 0.1  # dropout on the input embeddings (LlamaGen's token_dropout_p)
     dropout: float = 0.1  # residual + FFN dropout
     rope_base: float = 10000.0
+    # RoPE rows of the condition prefix: "identity" (vtok's default: unrotated), or "zero" (LlamaGen's
+    # table, which zeroes the prefix tokens' queries and keys; released LlamaGen weights need it)
+    prefix_rope: str = "identity"
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
@@ -67,6 +71,8 @@ class GPTConfig:
             raise ValueError(f"{len(self.vocab_sizes)} sub-codebooks need a FAR head: set head_layers >= 1")
         if self.condition not in CONDITIONS:
             raise ValueError(f"GPTConfig.condition={self.condition!r}: expected one of {', '.join(CONDITIONS)}")
+        if self.prefix_rope not in PREFIX_ROWS:
+            raise ValueError(f"GPTConfig.prefix_rope={self.prefix_rope!r}: expected one of {', '.join(PREFIX_ROWS)}")
 
     @property
     def prefix_len(self) -> int:
@@ -74,12 +80,14 @@ class GPTConfig:
         return self.text_len if self.condition == "text" else 1
 
 
-def token_rope(token_shape: tuple[int, ...], head_dim: int, base: float, prefix: int) -> torch.Tensor:
-    """RoPE table for ``prefix`` identity rows + the token positions: 2D for an (h, w) grid, 1D over
-    all pairs for a sequence. Singleton axes are dropped first, so a (1, R) shape (FlexTok's spec
-    shape with its sub-code axis kept) is a 1D sequence of R, not a 2D grid whose row half never turns."""
+def token_rope(token_shape: tuple[int, ...], head_dim: int, base: float, prefix: int,
+               prefix_rows: str = "identity") -> torch.Tensor:
+    """RoPE table for ``prefix`` rows (``prefix_rows``: identity or zero) + the token positions: 2D for
+    an (h, w) grid, 1D over all pairs for a sequence. Singleton axes are dropped first, so a (1, R)
+    shape (FlexTok's spec shape with its sub-code axis kept) is a 1D sequence of R, not a 2D grid whose
+    row half never turns."""
     axes = tuple(s for s in token_shape if s != 1) or (1,)
-    return rope_for_shape(axes, head_dim, base, prefix=prefix)
+    return rope_for_shape(axes, head_dim, base, prefix=prefix, prefix_rows=prefix_rows)
 
 
 class GPT(nn.Module):
@@ -110,8 +118,8 @@ class GPT(nn.Module):
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.out = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.vocab_sizes)
         head_dim = d // cfg.heads
-        self.register_buffer("rope", token_rope(cfg.token_shape, head_dim, cfg.rope_base, cfg.prefix_len),
-                             persistent=False)
+        self.register_buffer("rope", token_rope(cfg.token_shape, head_dim, cfg.rope_base, cfg.prefix_len,
+                                                cfg.prefix_rope), persistent=False)
         self.register_buffer("head_rope", rope_1d(k, head_dim, cfg.rope_base), persistent=False)
         self.reset_parameters()
 
