@@ -36,8 +36,7 @@ from torch import nn
 
 from vtok.models.api import Condition, TokenSpec
 from vtok.models.generators.sampling import guidance_at, sample_logits
-from vtok.models.layers import Block, KVCache, RMSNorm, causal_mask, rope_1d, rope_for_shape
-from vtok.models.layers.rope import PREFIX_ROWS
+from vtok.models.layers import Block, KVCache, RMSNorm, causal_mask, check_prefix_rows, rope_1d, rope_for_shape
 
 CONDITIONS = ("class", "text")
 
@@ -71,8 +70,7 @@ class GPTConfig:
             raise ValueError(f"{len(self.vocab_sizes)} sub-codebooks need a FAR head: set head_layers >= 1")
         if self.condition not in CONDITIONS:
             raise ValueError(f"GPTConfig.condition={self.condition!r}: expected one of {', '.join(CONDITIONS)}")
-        if self.prefix_rope not in PREFIX_ROWS:
-            raise ValueError(f"GPTConfig.prefix_rope={self.prefix_rope!r}: expected one of {', '.join(PREFIX_ROWS)}")
+        check_prefix_rows(self.prefix_rope, "GPTConfig.prefix_rope")
 
     @property
     def prefix_len(self) -> int:

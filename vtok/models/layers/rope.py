@@ -18,9 +18,14 @@ def _freqs(n_pairs: int, base: float) -> torch.Tensor:
 PREFIX_ROWS = ("identity", "zero")
 
 
+def check_prefix_rows(value: str, what: str = "prefix_rows") -> None:
+    """ValueError naming ``what`` unless ``value`` is one of ``PREFIX_ROWS``."""
+    if value not in PREFIX_ROWS:
+        raise ValueError(f"{what}={value!r}: expected one of {', '.join(PREFIX_ROWS)}")
+
+
 def _table(angles: torch.Tensor, prefix: int, prefix_rows: str = "identity") -> torch.Tensor:
-    if prefix_rows not in PREFIX_ROWS:
-        raise ValueError(f"prefix_rows={prefix_rows!r}: expected one of {', '.join(PREFIX_ROWS)}")
+    check_prefix_rows(prefix_rows)
     table = torch.stack([angles.cos(), angles.sin()], dim=-1).float()  # (N, P, 2)
     head = torch.zeros(prefix, *table.shape[1:])
     if prefix_rows == "identity":
