@@ -74,6 +74,46 @@ def dit_check(checkout: Path, work: Path) -> dict[str, float]:
     return {"dit forward (x_t, t, y), 8 of 8 output channels": float((a - b).abs().max())}
 
 
+def llamagen_gpt_check(checkout: Path, work: Path) -> dict[str, float]:
+    """LlamaGen's c2i ``Transformer`` at gpt-tiny's size, random weights, saved as train_c2i.py saves
+    (``{"model", "optimizer", "steps", "args"}``), through ``vtok import llamagen-gpt``: teacher-forced
+    logits, and greedy generation through both KV caches (cfg 1 and 2)."""
+    from tools.official_keys import LLAMAGEN_GPT_TINY, llamagen_module
+    from vtok.cli import main
+    from vtok.models.api import Condition
+    from vtok.models.export import load_export
+
+    gpt = llamagen_module(checkout, "autoregressive.models.gpt")
+    gen_mod = llamagen_module(checkout, "autoregressive.models.generate")
+    from contextlib import nullcontext
+    torch.backends.cuda.sdp_kernel = lambda **kw: nullcontext()  # deprecated (or gone) in newer torch; CPU: no-op
+    off = gpt.Transformer(gpt.ModelArgs(**LLAMAGEN_GPT_TINY))
+    randomise(off, 4)
+    ckpt = work / "c2i_tiny_128.pt"  # 128 px / 16 = the 8x8 grid of block_size 64
+    torch.save({"model": off.state_dict(), "optimizer": {}, "steps": 1,
+                "args": argparse.Namespace(gpt_model="GPT-tiny")}, ckpt)
+    if main(["import", "llamagen-gpt", str(ckpt), "--out", str(work / "gpt_export")]) != 0:
+        raise SystemExit("vtok import llamagen-gpt failed")
+    ours = load_export(work / "gpt_export").model.eval()
+    off = off.eval()
+    g = torch.Generator().manual_seed(5)
+    labels = torch.tensor([0, 7, 23, 24])  # 24 = the null class
+    codes = torch.randint(0, 16384, (4, 1, 8, 8), generator=g)
+    seq = codes.flatten(1)
+    result = {}
+    with torch.no_grad():
+        a, _ = off(seq[:, :-1], labels, input_pos=torch.arange(64))
+        b = ours(codes, Condition(labels=labels))[0]
+        result["llamagen gpt teacher-forced logits (64 positions)"] = float((a - b).abs().max())
+        for cfg in (1.0, 2.0):
+            want = gen_mod.generate(off, labels[:3], 64, cfg_scale=cfg, sample_logits=False, temperature=1.0,
+                                    top_k=0, top_p=1.0)
+            got = ours.generate(Condition(labels=labels[:3]), guidance=cfg, top_k=1).flatten(1)
+            result[f"llamagen gpt greedy generate, cfg {cfg:g}: tokens that differ (of {got.numel()})"] = float(
+                (want.long() != got).sum())
+    return result
+
+
 def _stubs() -> None:
     from tools.official_keys import _stub_hydra, _stub_mup
 
@@ -199,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dit", default="", help="facebookresearch/DiT checkout (default: skip DiT)")
     ap.add_argument("--flextok", default="", help="apple/ml-flextok checkout (default: skip FlexTok)")
+    ap.add_argument("--llamagen", default="", help="FoundationVision/LlamaGen checkout (default: skip LlamaGen)")
     ap.add_argument("--json", default="", help="also write the diffs here (default: none)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -208,12 +249,15 @@ def main(argv: list[str] | None = None) -> int:
             results.update(dit_check(Path(args.dit).resolve(), Path(tmp)))
         if args.flextok:
             results.update(flextok_check(Path(args.flextok).resolve()))
+        if args.llamagen:
+            results.update(llamagen_gpt_check(Path(args.llamagen).resolve(), Path(tmp)))
     failed = False
     for name, diff in results.items():
         must = "by design" not in name and "rounding" not in name
         ok = diff < TOL
         failed |= must and not ok
-        print(f"{name}: max abs diff {diff:.3e} ({'ok' if ok else 'DIFFERS' if must else 'expected'})")
+        what = f"{diff:.0f}" if "tokens that differ" in name else f"max abs diff {diff:.3e}"
+        print(f"{name}: {what} ({'ok' if ok else 'DIFFERS' if must else 'expected'})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 1 if failed else 0

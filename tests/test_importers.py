@@ -21,7 +21,10 @@ from vtok.models.layers.adaln import sincos_2d
 from vtok.models.registry import build_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_keys"
-KINDS = {"dit": ("dit_tiny", "dit-tiny"), "flextok": ("flextok_tiny", "flextok-tiny")}
+KINDS = {"dit": ("dit_tiny", "dit-tiny"), "flextok": ("flextok_tiny", "flextok-tiny"),
+         "llamagen-gpt": ("llamagen_gpt_tiny", "gpt-tiny")}
+RECOGNISED = {"llamagen-gpt": {"prefix_rope": "zero"}}  # config the tiny entry differs in from the official one
+SIZE = ["--image-size", "128"]  # LlamaGen GPTs: the token grid (128 / 16 = gpt-tiny's 8x8); others ignore it
 
 
 def fixture(kind: str) -> dict:
@@ -53,7 +56,7 @@ def test_fixture_is_the_official_layout_of_the_tiny_entry(kind):
     assert data["vtok_arch"] == arch and data["commit"]
     imp, model = get_importer(kind), build_model(arch)
     assert expected_official(imp, model) == {k: tuple(v) for k, v in data["keys"].items()}
-    assert imp.recognise(official_state(kind)) == (arch, {})
+    assert imp.recognise(official_state(kind)) == (arch, RECOGNISED.get(kind, {}))
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -74,7 +77,7 @@ def test_import_writes_an_export_holding_the_source_weights(kind, tmp_path):
     official = official_state(kind, seed=1)
     path = tmp_path / "released.safetensors"
     save_file(official, str(path))
-    result = import_checkpoint(kind, path, tmp_path / "export")
+    result = import_checkpoint(kind, path, tmp_path / "export", ImportOptions(image_size=128))
     exp = load_export(tmp_path / "export")
     assert exp.arch == KINDS[kind][1] and result.arch == exp.arch
     imp = get_importer(kind)
@@ -87,8 +90,11 @@ def test_import_writes_an_export_holding_the_source_weights(kind, tmp_path):
         assert torch.equal(sd["x_embedder.weight"], official["x_embedder.proj.weight"])
         assert exp.meta["diffusion"]["objective"] == "ddpm" and exp.meta["diffusion"]["learn_sigma"]
         assert exp.token_spec.shape == (4, 8, 8) and exp.resolution == 64 and exp.meta["latent_scaling"] == 0.18215
-    else:
+    elif kind == "flextok":
         assert exp.meta["latent_shape"] == [4, 8, 8] and exp.token_spec.ordered
+    else:
+        assert exp.model.cfg.prefix_rope == "zero" and exp.token_spec.shape == (1, 8, 8)
+        assert exp.meta["imported"]["overrides"] == {"prefix_rope": "zero"} and exp.meta["tokenizer"] == ""
 
 
 def test_dit_training_checkpoint_picks_ema_unless_no_ema(tmp_path, capsys):
@@ -132,7 +138,7 @@ def test_other_sizes_are_recognised_and_refused_in_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_missing_extra_and_misshaped_keys_are_named_in_one_line(kind, tmp_path, capsys):
     state = official_state(kind)
-    victim = sorted(k for k in state if "attn.proj.weight" in k)[-1]  # not one the size is read from
+    victim = sorted(k for k in state if "attn.proj.weight" in k or "attention.wo" in k)[-1]  # not a size key
     extra = "encoder.module_dict.enc_extra.weight" if kind == "flextok" else "blocks.0.extra.weight"
     for name, change in (("missing", lambda s: s.pop(victim)),
                          ("unmapped", lambda s: s.__setitem__(extra, torch.zeros(2))),
@@ -141,7 +147,7 @@ def test_missing_extra_and_misshaped_keys_are_named_in_one_line(kind, tmp_path, 
         change(broken)
         path = tmp_path / f"{name}.safetensors"
         save_file(broken, str(path))
-        err = one_line_error(capsys, "import", kind, str(path), "--out", str(tmp_path / name))
+        err = one_line_error(capsys, "import", kind, str(path), "--out", str(tmp_path / name), *SIZE)
         said = "shape mismatches: 1" if name == "mis-shaped" else f"{name} keys: 1"
         assert said in err and (extra if name == "unmapped" else victim) in err
 
@@ -182,7 +188,8 @@ def test_flextok_sincos_facts_vae_keys_and_a_foreign_table(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind,arch,overrides", [
     ("dit", "dit-xl-2", {}), ("dit", "dit-xl-2", {"input_size": 64}), ("dit", "dit-b-4", {}),
-    ("flextok", "flextok-d12-d12", {}), ("flextok", "flextok-d18-d28", {})])
+    ("flextok", "flextok-d12-d12", {}), ("flextok", "flextok-d18-d28", {}),
+    ("llamagen-gpt", "gpt-b", {"prefix_rope": "zero"}), ("llamagen-gpt", "gpt-3b", {"prefix_rope": "zero"})])
 def test_released_sizes_are_recognised_from_shapes(kind, arch, overrides):
     """Full sizes on the meta device: DiT-XL/2 at 256 and 512 px (the released files), FlexTok sizes."""
     imp = get_importer(kind)
@@ -223,3 +230,109 @@ def test_flextok_registers_null_and_output_head_follow_the_official_semantics(tm
     save_file(official, str(tmp_path / "zero_null.safetensors"))
     import_checkpoint("flextok", tmp_path / "zero_null.safetensors", tmp_path / "zero")
     assert torch.equal(load_export(tmp_path / "zero").model.decoder.null_token, torch.zeros(d))
+
+
+def llamagen_reference_logits(sd: dict[str, torch.Tensor], seq: torch.Tensor, labels: torch.Tensor, heads: int,
+                              grid: int) -> torch.Tensor:
+    """LlamaGen's c2i forward written out on the official keys (autoregressive/models/gpt.py, eval):
+    [class | tokens[:-1]] -> RMSNorm -> wqkv split q | k | v -> pair-wise rotation by the 2D table with
+    a zero row for the class token -> causal SDPA -> wo; RMSNorm -> w2(silu(w1) * w3); norm -> output."""
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    x = torch.cat([sd["cls_embedding.embedding_table.weight"][labels][:, None],
+                   sd["tok_embeddings.weight"][seq[:, :-1]]], 1)
+    b, n, d = x.shape
+    hd = d // heads
+    q4 = hd // 4  # rotated pairs per axis
+    freqs = 1.0 / (10000 ** (torch.arange(0, hd // 2, 2)[:q4].float() / (hd // 2)))
+    angles = torch.arange(grid).float()[:, None] * freqs  # (grid, hd / 4)
+    grid_angles = torch.cat([angles[:, None].expand(-1, grid, -1), angles[None].expand(grid, -1, -1)], -1)
+    table = torch.stack([grid_angles.cos(), grid_angles.sin()], -1).flatten(0, 1)
+    table = torch.cat([torch.zeros(1, hd // 2, 2), table])[:n]  # (n, hd / 2, 2)
+
+    def rotate(t):  # (b, n, heads, hd)
+        p = t.reshape(b, n, heads, hd // 2, 2)
+        c, s_ = table[None, :, None, :, 0], table[None, :, None, :, 1]
+        return torch.stack([p[..., 0] * c - p[..., 1] * s_, p[..., 1] * c + p[..., 0] * s_], -1).flatten(3)
+
+    layers = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
+    for i in range(layers):
+        L = f"layers.{i}."
+        q, k, v = F.linear(rms(x, sd[L + "attention_norm.weight"]), sd[L + "attention.wqkv.weight"]).split(d, -1)
+        q, k = rotate(q.view(b, n, heads, hd)), rotate(k.view(b, n, heads, hd))
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.view(b, n, heads, hd).transpose(1, 2), is_causal=True)
+        x = x + F.linear(att.transpose(1, 2).reshape(b, n, d), sd[L + "attention.wo.weight"])
+        h = rms(x, sd[L + "ffn_norm.weight"])
+        x = x + F.linear(F.silu(F.linear(h, sd[L + "feed_forward.w1.weight"])) * F.linear(h, sd[L + "feed_forward.w3.weight"]),
+                         sd[L + "feed_forward.w2.weight"])
+    return F.linear(rms(x, sd["norm.weight"]), sd["output.weight"])
+
+
+def test_llamagen_gpt_import_gives_llamagens_logits_and_sizes_its_grid_from_the_name(tmp_path, capsys):
+    from vtok.models.api import Condition
+
+    official = {k: v * 0.2 for k, v in official_state("llamagen-gpt", seed=6).items()}
+    path = tmp_path / "c2i_tiny_128.pt"  # released names carry the image size (c2i_B_256.pt, c2i_XL_384.pt)
+    torch.save({"model": official, "optimizer": {}, "steps": 7, "args": argparse.Namespace(gpt_model="GPT-B")}, path)
+    assert main(["import", "llamagen-gpt", str(path), "--out", str(tmp_path / "e")]) == 0
+    assert "'model' entry" in capsys.readouterr().out
+    gpt = load_export(tmp_path / "e").model
+    g = torch.Generator().manual_seed(7)
+    codes, labels = torch.randint(0, 16384, (3, 1, 8, 8), generator=g), torch.tensor([0, 5, 24])  # 24: null
+    with torch.no_grad():
+        ours = gpt(codes, Condition(labels=labels))[0]
+    ref = llamagen_reference_logits(official, codes.flatten(1), labels, heads=4, grid=8)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    # the same weights with vtok's own (identity) class-token rows give other logits: the switch matters
+    plain = build_model("gpt-tiny").eval()
+    plain.load_state_dict(gpt.state_dict())
+    with torch.no_grad():
+        assert (plain(codes, Condition(labels=labels))[0] - ref).abs().max() > 1e-2
+    # --image-size wins over the name; neither is one line asking for the flag
+    assert main(["import", "llamagen-gpt", str(path), "--out", str(tmp_path / "big"), "--image-size", "384"]) == 0
+    assert load_export(tmp_path / "big").model.cfg.token_shape == (24, 24)
+    save_file(official, str(tmp_path / "gpt.safetensors"))
+    err = one_line_error(capsys, "import", "llamagen-gpt", str(tmp_path / "gpt.safetensors"), "--out", str(tmp_path / "x"))
+    assert "--image-size" in err
+    err = one_line_error(capsys, "import", "llamagen-gpt", str(tmp_path / "gpt.safetensors"), "--out", str(tmp_path / "x"),
+                         "--image-size", "100")
+    assert "not a multiple of 16" in err
+
+
+def test_llamagen_gpt_t2i_gqa_and_foreign_tokenizers_are_refused_in_one_line(tmp_path, capsys):
+    from vtok.models.export import save_export
+
+    official = official_state("llamagen-gpt")
+    t2i = {**official, "cls_embedding.cap_proj.fc1.weight": torch.zeros(128, 2048)}
+    save_file(t2i, str(tmp_path / "t2i_128.safetensors"))
+    assert "t2i" in one_line_error(capsys, "import", "llamagen-gpt", str(tmp_path / "t2i_128.safetensors"),
+                                   "--out", str(tmp_path / "a"))
+    gqa = {**official, "layers.0.attention.wqkv.weight": torch.zeros(256, 128)}
+    save_file(gqa, str(tmp_path / "gqa_128.safetensors"))
+    assert "grouped-query" in one_line_error(capsys, "import", "llamagen-gpt", str(tmp_path / "gqa_128.safetensors"),
+                                             "--out", str(tmp_path / "b"))
+    save_file(official, str(tmp_path / "c2i_128.safetensors"))
+    save_export(tmp_path / "vq256", build_model("vqgan-tiny"), "vqgan-tiny")  # 256 codes, not 16,384
+    err = one_line_error(capsys, "import", "llamagen-gpt", str(tmp_path / "c2i_128.safetensors"), "--out",
+                         str(tmp_path / "c"), "--tokenizer", str(tmp_path / "vq256"))
+    assert "--tokenizer" in err and "[256]" in err
+
+
+def test_imported_llamagen_gpt_samples_through_the_tokenizer_it_records(tmp_path):
+    """The small-sample version of the reproduction path: import -> vtok sample --npz (tiny weights)."""
+    import numpy as np
+    from vtok.models.export import save_export
+    from vtok.models.quant import L2VectorQuantizer
+
+    vq = build_model("vqgan-tiny", vq=L2VectorQuantizer.Config(codebook_size=16384, dim=8))
+    save_export(tmp_path / "vq", vq, "vqgan-tiny")
+    save_file(official_state("llamagen-gpt", seed=8), str(tmp_path / "c2i_tiny_128.safetensors"))
+    assert main(["import", "llamagen-gpt", str(tmp_path / "c2i_tiny_128.safetensors"), "--out", str(tmp_path / "gpt"),
+                 "--tokenizer", str(tmp_path / "vq")]) == 0
+    assert load_export(tmp_path / "gpt").meta["tokenizer"] == str((tmp_path / "vq").resolve())
+    assert main(["sample", "--generator", str(tmp_path / "gpt"), "--out", str(tmp_path / "s"), "--classes", "3,7",
+                 "--per-class", "1", "--npz", "--guidance", "2.0"]) == 0
+    arr = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
+    assert arr.shape == (2, 32, 32, 3) and arr.dtype == np.uint8

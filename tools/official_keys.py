@@ -1,8 +1,10 @@
-"""Write tests/fixtures/official_keys/{dit_tiny,flextok_tiny}.json: the official state-dict key names
-and shapes at the tiny sizes of vtok's ``dit-tiny`` and ``flextok-tiny`` registry entries, read from
-the official model classes (instantiated on CPU from a checkout; nothing is downloaded).
+"""Write tests/fixtures/official_keys/{dit_tiny,flextok_tiny,llamagen_gpt_tiny}.json: the official
+state-dict key names and shapes at the tiny sizes of vtok's ``dit-tiny``, ``flextok-tiny`` and
+``gpt-tiny`` registry entries, read from the official model classes (instantiated on CPU from a
+checkout; nothing is downloaded).
 
-    python tools/official_keys.py --dit DIT_CHECKOUT --flextok ML_FLEXTOK_CHECKOUT [--out DIR]
+    python tools/official_keys.py --dit DIT_CHECKOUT --flextok ML_FLEXTOK_CHECKOUT \
+        --llamagen LLAMAGEN_CHECKOUT [--out DIR]
 
 DIT_CHECKOUT: a facebookresearch/DiT checkout (needs timm); its ``models.DiT`` is built with
 depth 2, width 64, 4 heads, patch 2, 8x8x4 latents, 24 classes, learned sigma.
@@ -20,6 +22,10 @@ registers, FSQ dim 4, 2x2 patches of 8x8x4 latents; decoder blocks with adaLN_ex
 (patches / registers); decoder register positions as a learned 1D PositionalEmbeddingAdder (the
 type is assumed); the CFG null condition as ``dec_latent_dropout``, a LearnedNullCond over the
 decoder width (name and class from a fork quoting the released config's module order; assumed).
+
+LLAMAGEN_CHECKOUT: a FoundationVision/LlamaGen checkout; its ``autoregressive/models/gpt.py``
+``Transformer`` is built c2i with gpt-tiny's size (width 128, 4 layers, 4 heads, 16,384 codes, 24
+classes, an 8x8 token grid).
 
 Each fixture also records the checkout's commit when it is a git checkout, and the FlexTok one the
 largest difference between the official sin-cos tables and vtok's reimplementation of their formula
@@ -67,6 +73,30 @@ def dit_keys(checkout: Path, commit: str = "") -> dict:
     model = models.DiT(**DIT_TINY)
     return {"source": "facebookresearch/DiT models.py (class DiT)", "commit": commit_of(checkout, commit),
             "official_config": DIT_TINY, "vtok_arch": "dit-tiny", "keys": shapes(model)}
+
+
+LLAMAGEN_GPT_TINY = dict(dim=128, n_layer=4, n_head=4, vocab_size=16384, num_classes=24, block_size=64,
+                         cls_token_num=1, model_type="c2i")
+
+
+def llamagen_module(checkout: Path, name: str):
+    """Import ``name`` (e.g. ``autoregressive.models.gpt``) from a LlamaGen checkout (its modules import
+    ``utils.*`` from the checkout's root)."""
+    import importlib
+
+    sys.path.insert(0, str(checkout))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def llamagen_gpt_keys(checkout: Path, commit: str = "") -> dict:
+    gpt = llamagen_module(checkout, "autoregressive.models.gpt")
+    model = gpt.Transformer(gpt.ModelArgs(**LLAMAGEN_GPT_TINY))
+    return {"source": "FoundationVision/LlamaGen autoregressive/models/gpt.py (class Transformer, c2i)",
+            "commit": commit_of(checkout, commit), "official_config": LLAMAGEN_GPT_TINY, "vtok_arch": "gpt-tiny",
+            "keys": shapes(model)}
 
 
 def _stub_mup() -> None:
@@ -177,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dit", default="", help="facebookresearch/DiT checkout (default: skip DiT)")
     ap.add_argument("--flextok", default="", help="apple/ml-flextok checkout (default: skip FlexTok)")
+    ap.add_argument("--llamagen", default="", help="FoundationVision/LlamaGen checkout (default: skip LlamaGen)")
+    ap.add_argument("--llamagen-commit", default="", help="commit of --llamagen when it is not a git checkout "
+                    "(default: ask git)")
     ap.add_argument("--dit-commit", default="", help="commit of --dit when it is not a git checkout "
                     "(default: ask git)")
     ap.add_argument("--flextok-commit", default="", help="commit of --flextok when it is not a git checkout "
@@ -187,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     for name, checkout, commit, fn in (("dit_tiny", args.dit, args.dit_commit, dit_keys),
-                                       ("flextok_tiny", args.flextok, args.flextok_commit, flextok_keys)):
+                                       ("flextok_tiny", args.flextok, args.flextok_commit, flextok_keys),
+                                       ("llamagen_gpt_tiny", args.llamagen, args.llamagen_commit, llamagen_gpt_keys)):
         if not checkout:
             continue
         data = fn(Path(checkout).resolve(), commit)

@@ -18,6 +18,7 @@ export with ``save_export``, loadable by ``load_export`` like any trained model.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +44,8 @@ class ImportOptions:
     ema: bool = True  # the EMA weights when the file holds both
     vae: str = ""  # a local diffusers AutoencoderKL directory to record in the export
     arch: str = ""  # insist on this registry size (a checkpoint of another size is refused)
+    image_size: int = 0  # pixels per side the model was trained at, where the weights do not say (0: infer)
+    tokenizer: str = ""  # a generator's tokenizer export, recorded for decoding (vtok sample's default)
 
 
 @dataclass
@@ -75,6 +78,10 @@ class Importer:
         """The model's keys, and counts of key groups that belong elsewhere (e.g. a bundled VAE)."""
         return state, {}
 
+    def unsaved_config(self, options: ImportOptions, path: str) -> dict[str, Any]:
+        """Config the weights do not hold (e.g. a GPT's token grid), from the options or the file name."""
+        return {}
+
     def fixed_keys(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Official keys holding fixed tables (not learned) that vtok recomputes: their expected values."""
         return {}
@@ -106,7 +113,14 @@ def get_importer(kind: str) -> Importer:
 
 
 def _load_builtin() -> None:
-    from vtok.importers import dit, flextok  # noqa: F401  (registration)
+    from vtok.importers import dit, flextok, llamagen  # noqa: F401  (registration)
+
+
+def rename(key: str, rules: list[tuple[str, str]]) -> str:
+    """``key`` with each (regex, replacement) rule applied in order (each at most once)."""
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -207,6 +221,7 @@ def import_checkpoint(kind: str, checkpoint: str | Path, out: str | Path,
     """Read ``checkpoint`` (a released file of ``kind``), map it onto vtok's model and write an export
     to ``out``; every failure is a one-line ``ImporterError``."""
     from vtok.models.export import save_export
+    from vtok.models.registry import MODELS
     from vtok.models.weights import load_state_dict_strict
 
     options = options or ImportOptions()
@@ -216,6 +231,8 @@ def import_checkpoint(kind: str, checkpoint: str | Path, out: str | Path,
     ckpt.dropped = dropped
     where = f"{ckpt.path}{f' [{ckpt.picked}]' if ckpt.picked else ''}"
     arch, overrides = importer.recognise(state)
+    overrides.update({k: v for k, v in importer.unsaved_config(options, ckpt.path).items()
+                      if getattr(MODELS[arch].config, k) != v})
     if options.arch and options.arch != arch:
         raise ImporterError(f"{where} is {arch}{_described(overrides)}, not {options.arch} as --arch asks")
     model = build_for(arch, overrides)
@@ -239,4 +256,4 @@ def _described(overrides: dict[str, Any]) -> str:
 
 __all__ = ["Checkpoint", "IMPORTERS", "ImportOptions", "ImportResult", "Importer", "ImporterError",
            "expected_official", "get_importer", "import_checkpoint", "official_mismatch", "read_checkpoint",
-           "register_importer"]
+           "register_importer", "rename"]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtok.importers import Checkpoint, Importer, ImporterError, ImportOptions, names, register_importer
+from vtok.importers import Checkpoint, Importer, ImporterError, ImportOptions, names, register_importer, rename
 from vtok.models.api import TokenSpec
 
 SD_VAE_SCALE = 0.18215  # DiT sample.py / train.py: latents = vae.encode(x).sample() * 0.18215
@@ -48,18 +48,12 @@ INVERSE = [(r"^x_embedder\.(weight|bias)$", r"x_embedder.proj.\1"),
            (r"^layers\.(\d+)\.", r"blocks.\1.")]
 
 
-def _rename(key: str, rules: list[tuple[str, str]]) -> str:
-    for pattern, repl in rules:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
 def official_to_vtok_key(key: str) -> str:
-    return _rename(key, RENAMES)
+    return rename(key, RENAMES)
 
 
 def vtok_to_official_key(key: str) -> str:
-    return _rename(key, INVERSE)
+    return rename(key, INVERSE)
 
 
 def official_name(depth: int, width: int, patch: int, input_size: int) -> str:
