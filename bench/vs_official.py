@@ -114,6 +114,36 @@ def llamagen_gpt_check(checkout: Path, work: Path) -> dict[str, float]:
     return result
 
 
+def llamagen_vq_check(checkout: Path, work: Path) -> dict[str, float]:
+    """LlamaGen's ``VQModel`` at vqgan-tiny's size (tools/official_keys.py), random weights, saved as
+    vq_train.py saves with EMA (``{"model", "ema", "optimizer", "discriminator", ...}``), through ``vtok
+    import llamagen-vq`` (EMA entry): codes of the same images, and the decoded images of those codes."""
+    from tools.official_keys import llamagen_vq
+    from vtok.cli import main
+    from vtok.models.export import load_export
+
+    off = llamagen_vq(checkout)
+    randomise(off, 6)
+    ckpt = work / "vq_ds4_tiny.pt"
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in off.state_dict().items()}, "ema": off.state_dict(),
+                "optimizer": {}, "discriminator": {"conv.weight": torch.zeros(1)}, "steps": 1,
+                "args": argparse.Namespace(vq_model="VQ-tiny")}, ckpt)
+    if main(["import", "llamagen-vq", str(ckpt), "--out", str(work / "vq_export"), "--image-size", "64"]) != 0:
+        raise SystemExit("vtok import llamagen-vq failed")
+    ours = load_export(work / "vq_export").model.eval()
+    off = off.eval()
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    with torch.no_grad():
+        quant, _, (_, _, indices) = off.encode(x)
+        codes = ours.encode(x)
+        want = indices.view(4, 1, 16, 16)
+        result = {f"llamagen vq codes: tokens that differ (of {codes.numel()})": float((want != codes).sum())}
+        a = off.decode_code(indices, shape=(4, 8, 16, 16))
+        b = ours.decode(want)
+        result["llamagen vq decoded images of the same codes"] = float((a - b).abs().max())
+    return result
+
+
 def _stubs() -> None:
     from tools.official_keys import _stub_hydra, _stub_mup
 
@@ -251,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             results.update(flextok_check(Path(args.flextok).resolve()))
         if args.llamagen:
             results.update(llamagen_gpt_check(Path(args.llamagen).resolve(), Path(tmp)))
+            results.update(llamagen_vq_check(Path(args.llamagen).resolve(), Path(tmp)))
     failed = False
     for name, diff in results.items():
         must = "by design" not in name and "rounding" not in name

@@ -22,7 +22,7 @@ from vtok.models.registry import build_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_keys"
 KINDS = {"dit": ("dit_tiny", "dit-tiny"), "flextok": ("flextok_tiny", "flextok-tiny"),
-         "llamagen-gpt": ("llamagen_gpt_tiny", "gpt-tiny")}
+         "llamagen-gpt": ("llamagen_gpt_tiny", "gpt-tiny"), "llamagen-vq": ("llamagen_vq_tiny", "vqgan-tiny")}
 RECOGNISED = {"llamagen-gpt": {"prefix_rope": "zero"}}  # config the tiny entry differs in from the official one
 SIZE = ["--image-size", "128"]  # LlamaGen GPTs: the token grid (128 / 16 = gpt-tiny's 8x8); others ignore it
 
@@ -55,14 +55,15 @@ def test_fixture_is_the_official_layout_of_the_tiny_entry(kind):
     data, (_, arch) = fixture(kind), KINDS[kind]
     assert data["vtok_arch"] == arch and data["commit"]
     imp, model = get_importer(kind), build_model(arch)
-    assert expected_official(imp, model) == {k: tuple(v) for k, v in data["keys"].items()}
-    assert imp.recognise(official_state(kind)) == (arch, RECOGNISED.get(kind, {}))
+    weights, _ = imp.split(official_state(kind))  # LlamaGen's VQ: less its codebook-usage buffer
+    assert expected_official(imp, model) == {k: tuple(v.shape) for k, v in weights.items()}
+    assert imp.recognise(weights) == (arch, RECOGNISED.get(kind, {}))
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_mapping_round_trips_exactly_both_ways(kind):
     imp, model = get_importer(kind), build_model(KINDS[kind][1])
-    official = official_state(kind)
+    official, _ = imp.split(official_state(kind))
     vtok = imp.to_vtok(official, model)
     assert {k: tuple(v.shape) for k, v in vtok.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
     back = imp.to_official(vtok, model)
@@ -82,7 +83,7 @@ def test_import_writes_an_export_holding_the_source_weights(kind, tmp_path):
     assert exp.arch == KINDS[kind][1] and result.arch == exp.arch
     imp = get_importer(kind)
     mapped_back = imp.to_official(exp.model.state_dict(), exp.model)
-    assert all(torch.equal(mapped_back[k], official[k]) for k in official)
+    assert all(torch.equal(mapped_back[k], official[k]) for k in imp.split(official)[0])
     if kind == "dit":  # a pure renaming: every vtok tensor IS a source tensor
         sd = exp.model.state_dict()
         assert torch.equal(sd["layers.1.mlp.0.weight"], official["blocks.1.mlp.fc1.weight"])
@@ -92,6 +93,9 @@ def test_import_writes_an_export_holding_the_source_weights(kind, tmp_path):
         assert exp.token_spec.shape == (4, 8, 8) and exp.resolution == 64 and exp.meta["latent_scaling"] == 0.18215
     elif kind == "flextok":
         assert exp.meta["latent_shape"] == [4, 8, 8] and exp.token_spec.ordered
+    elif kind == "llamagen-vq":
+        assert result.checkpoint.dropped == {"codebook usage": 1} and exp.token_spec.vocab_sizes == (256,)
+        assert exp.resolution == 128 and exp.model.cfg.image_size == 128  # --image-size
     else:
         assert exp.model.cfg.prefix_rope == "zero" and exp.token_spec.shape == (1, 8, 8)
         assert exp.meta["imported"]["overrides"] == {"prefix_rope": "zero"} and exp.meta["tokenizer"] == ""
@@ -138,7 +142,7 @@ def test_other_sizes_are_recognised_and_refused_in_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_missing_extra_and_misshaped_keys_are_named_in_one_line(kind, tmp_path, capsys):
     state = official_state(kind)
-    victim = sorted(k for k in state if "attn.proj.weight" in k or "attention.wo" in k)[-1]  # not a size key
+    victim = sorted(k for k in state if "attn.proj.weight" in k or "attention.wo" in k or "attn.0.v.weight" in k)[-1]
     extra = "encoder.module_dict.enc_extra.weight" if kind == "flextok" else "blocks.0.extra.weight"
     for name, change in (("missing", lambda s: s.pop(victim)),
                          ("unmapped", lambda s: s.__setitem__(extra, torch.zeros(2))),
@@ -189,7 +193,8 @@ def test_flextok_sincos_facts_vae_keys_and_a_foreign_table(tmp_path, capsys):
 @pytest.mark.parametrize("kind,arch,overrides", [
     ("dit", "dit-xl-2", {}), ("dit", "dit-xl-2", {"input_size": 64}), ("dit", "dit-b-4", {}),
     ("flextok", "flextok-d12-d12", {}), ("flextok", "flextok-d18-d28", {}),
-    ("llamagen-gpt", "gpt-b", {"prefix_rope": "zero"}), ("llamagen-gpt", "gpt-3b", {"prefix_rope": "zero"})])
+    ("llamagen-gpt", "gpt-b", {"prefix_rope": "zero"}), ("llamagen-gpt", "gpt-3b", {"prefix_rope": "zero"}),
+    ("llamagen-vq", "vqgan-f16", {}), ("llamagen-vq", "vqgan-f8", {})])
 def test_released_sizes_are_recognised_from_shapes(kind, arch, overrides):
     """Full sizes on the meta device: DiT-XL/2 at 256 and 512 px (the released files), FlexTok sizes."""
     imp = get_importer(kind)
@@ -320,14 +325,22 @@ def test_llamagen_gpt_t2i_gqa_and_foreign_tokenizers_are_refused_in_one_line(tmp
     assert "--tokenizer" in err and "[256]" in err
 
 
-def test_imported_llamagen_gpt_samples_through_the_tokenizer_it_records(tmp_path):
-    """The small-sample version of the reproduction path: import -> vtok sample --npz (tiny weights)."""
+def test_imported_llamagen_gpt_samples_through_the_imported_vq_it_records(tmp_path):
+    """The small-sample version of the reproduction path: vtok import llamagen-vq and llamagen-gpt
+    --tokenizer -> vtok sample --npz (tiny weights); the VQ's l2-normalised lookup is LlamaGen's."""
     import numpy as np
-    from vtok.models.export import save_export
     from vtok.models.quant import L2VectorQuantizer
 
+    imp = get_importer("llamagen-vq")
     vq = build_model("vqgan-tiny", vq=L2VectorQuantizer.Config(codebook_size=16384, dim=8))
-    save_export(tmp_path / "vq", vq, "vqgan-tiny")
+    official = {k: torch.randn_like(v) for k, v in imp.to_official(vq.state_dict(), vq).items()}
+    official["quantize.codebook_used"] = torch.zeros(65536)
+    torch.save({"model": official, "optimizer": {}, "steps": 3}, tmp_path / "vq_ds4_tiny.pt")
+    assert main(["import", "llamagen-vq", str(tmp_path / "vq_ds4_tiny.pt"), "--out", str(tmp_path / "vq")]) == 0
+    tok = load_export(tmp_path / "vq")
+    codes = torch.randint(0, 16384, (2, 1, 4, 4))
+    want = F.normalize(official["quantize.embedding.weight"], dim=-1)[codes[:, 0]].permute(0, 3, 1, 2)
+    assert torch.allclose(tok.model.quantizer.lookup(codes), want, atol=1e-6)
     save_file(official_state("llamagen-gpt", seed=8), str(tmp_path / "c2i_tiny_128.safetensors"))
     assert main(["import", "llamagen-gpt", str(tmp_path / "c2i_tiny_128.safetensors"), "--out", str(tmp_path / "gpt"),
                  "--tokenizer", str(tmp_path / "vq")]) == 0

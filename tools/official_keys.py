@@ -1,6 +1,6 @@
-"""Write tests/fixtures/official_keys/{dit_tiny,flextok_tiny,llamagen_gpt_tiny}.json: the official
-state-dict key names and shapes at the tiny sizes of vtok's ``dit-tiny``, ``flextok-tiny`` and
-``gpt-tiny`` registry entries, read from the official model classes (instantiated on CPU from a
+"""Write tests/fixtures/official_keys/{dit_tiny,flextok_tiny,llamagen_gpt_tiny,llamagen_vq_tiny}.json:
+the official state-dict key names and shapes at the tiny sizes of vtok's ``dit-tiny``,
+``flextok-tiny``, ``gpt-tiny`` and ``vqgan-tiny`` registry entries, read from the official model classes (instantiated on CPU from a
 checkout; nothing is downloaded).
 
     python tools/official_keys.py --dit DIT_CHECKOUT --flextok ML_FLEXTOK_CHECKOUT \
@@ -25,7 +25,10 @@ decoder width (name and class from a fork quoting the released config's module o
 
 LLAMAGEN_CHECKOUT: a FoundationVision/LlamaGen checkout; its ``autoregressive/models/gpt.py``
 ``Transformer`` is built c2i with gpt-tiny's size (width 128, 4 layers, 4 heads, 16,384 codes, 24
-classes, an 8x8 token grid).
+classes, an 8x8 token grid); its ``tokenizer/tokenizer_image/vq_model.py`` ``VQModel`` at vqgan-tiny's
+size (``VQModel`` fixes the CNN width at 128 and 2 res blocks, so its encoder and decoder are rebuilt
+from the same module's ``Encoder`` / ``Decoder`` with ch 32, ch_mult (1, 2, 2), 1 res block, z 32;
+codebook 256 x 8).
 
 Each fixture also records the checkout's commit when it is a git checkout, and the FlexTok one the
 largest difference between the official sin-cos tables and vtok's reimplementation of their formula
@@ -97,6 +100,28 @@ def llamagen_gpt_keys(checkout: Path, commit: str = "") -> dict:
     return {"source": "FoundationVision/LlamaGen autoregressive/models/gpt.py (class Transformer, c2i)",
             "commit": commit_of(checkout, commit), "official_config": LLAMAGEN_GPT_TINY, "vtok_arch": "gpt-tiny",
             "keys": shapes(model)}
+
+
+LLAMAGEN_VQ_TINY = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=256,
+                        codebook_embed_dim=8)
+
+
+def llamagen_vq(checkout: Path) -> nn.Module:
+    """LlamaGen's ``VQModel`` at vqgan-tiny's size (see the module docstring)."""
+    vq = llamagen_module(checkout, "tokenizer.tokenizer_image.vq_model")
+    t = LLAMAGEN_VQ_TINY
+    cnn = dict(ch=t["ch"], ch_mult=t["ch_mult"], num_res_blocks=t["num_res_blocks"], z_channels=t["z_channels"])
+    model = vq.VQModel(vq.ModelArgs(codebook_size=t["codebook_size"], codebook_embed_dim=t["codebook_embed_dim"],
+                                    encoder_ch_mult=list(t["ch_mult"]), decoder_ch_mult=list(t["ch_mult"]),
+                                    z_channels=t["z_channels"]))
+    model.encoder, model.decoder = vq.Encoder(**cnn), vq.Decoder(**cnn)
+    return model
+
+
+def llamagen_vq_keys(checkout: Path, commit: str = "") -> dict:
+    return {"source": "FoundationVision/LlamaGen tokenizer/tokenizer_image/vq_model.py (class VQModel; Encoder / "
+                      "Decoder at a tiny width)", "commit": commit_of(checkout, commit),
+            "official_config": LLAMAGEN_VQ_TINY, "vtok_arch": "vqgan-tiny", "keys": shapes(llamagen_vq(checkout))}
 
 
 def _stub_mup() -> None:
@@ -221,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     for name, checkout, commit, fn in (("dit_tiny", args.dit, args.dit_commit, dit_keys),
                                        ("flextok_tiny", args.flextok, args.flextok_commit, flextok_keys),
-                                       ("llamagen_gpt_tiny", args.llamagen, args.llamagen_commit, llamagen_gpt_keys)):
+                                       ("llamagen_gpt_tiny", args.llamagen, args.llamagen_commit, llamagen_gpt_keys),
+                                       ("llamagen_vq_tiny", args.llamagen, args.llamagen_commit, llamagen_vq_keys)):
         if not checkout:
             continue
         data = fn(Path(checkout).resolve(), commit)

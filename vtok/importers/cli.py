@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-KINDS = ("dit", "flextok", "llamagen-gpt")  # the built-in importers (vtok.importers.IMPORTERS holds plugins too)
+KINDS = ("dit", "flextok", "llamagen-gpt", "llamagen-vq")  # the built-in importers (vtok.importers.IMPORTERS holds plugins too)
 
 
 def add_import_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    imp = sub.add_parser("import", help="a released checkpoint (DiT, FlexTok, LlamaGen GPT) -> a vtok export",
+    imp = sub.add_parser("import", help="a released checkpoint (DiT, FlexTok, LlamaGen GPT / VQ) -> a vtok export",
                          description="Map a released checkpoint onto vtok's model and write a normal vtok "
                          "export (model.safetensors + config.json) that sample / eval / precompute / "
                          "fine-tuning read. The file is read safely (safetensors, or torch.load with "
@@ -16,7 +16,7 @@ def add_import_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                          "mis-shaped key is one error line naming it.")
     imp.add_argument("kind", help=f"the checkpoint's model family: {', '.join(KINDS)}")
     imp.add_argument("checkpoint", help="the released file, e.g. DiT-XL-2-256x256.pt, FlexTok's "
-                     "model.safetensors or LlamaGen's c2i_B_256.pt")
+                     "model.safetensors, LlamaGen's c2i_B_256.pt or vq_ds16_c2i.pt")
     imp.add_argument("--out", required=True, help="export directory to write (model.safetensors, config.json)")
     imp.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                      help="from a training checkpoint holding both, take the EMA weights (--no-ema: the raw "
@@ -27,8 +27,9 @@ def add_import_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     imp.add_argument("--arch", default="", help="insist on this registry size, e.g. dit-xl-2; a checkpoint "
                      "of another size is refused (default: the size the shapes say)")
     imp.add_argument("--image-size", type=int, default=0, help="image size the model was trained at, where the "
-                     "weights do not say: LlamaGen GPTs (their token grid is image_size / 16) (default: read "
-                     "from the file name, e.g. c2i_XL_384.pt -> 384)")
+                     "weights do not say: LlamaGen GPTs (their token grid is image_size / 16; default: read from "
+                     "the file name, e.g. c2i_XL_384.pt -> 384) and VQ tokenizers (the export's resolution; "
+                     "default: the registry size's, 256)")
     imp.add_argument("--tokenizer", default="", help="generators: the `vtok export` dir of the tokenizer whose "
                      "codes the model predicts (e.g. from `vtok import llamagen-vq`), recorded so that "
                      "`vtok sample` decodes with it (default: none: pass --tokenizer to vtok sample)")

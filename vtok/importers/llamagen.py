@@ -1,5 +1,7 @@
-"""LlamaGen class-conditional GPTs (FoundationVision/LlamaGen, autoregressive/models/gpt.py at ce98ec4)
--> vtok's ``GPT``.
+"""LlamaGen (FoundationVision/LlamaGen at ce98ec4) -> vtok: the class-conditional GPTs
+(``llamagen-gpt``) and the VQ tokenizers VQ-16 / VQ-8 (``llamagen-vq``).
+
+GPT (autoregressive/models/gpt.py) -> vtok's ``GPT``.
 
 Official layout (``Transformer`` with ``model_type='c2i'``, ``cls_token_num=1``)::
 
@@ -22,6 +24,22 @@ renaming. Released files are training checkpoints ``{"model", "optimizer", "step
 
 Not covered: t2i GPTs (their caption MLP has no biases; vtok's does) and grouped-query attention
 (``n_kv_head`` < ``n_head``; no released c2i model uses it).
+
+VQ (tokenizer/tokenizer_image/vq_model.py ``VQModel``) -> vtok's ``FQGAN`` with one codebook, whose
+CNN is LlamaGen's (same blocks, same order, same asymmetric-pad downsample, same l2-normalised
+lookup). The mapping is a renaming::
+
+    encoder.conv_blocks.I.{res,attn}.J.*      levels.I.{res,attn}.J.*  (nin_shortcut -> skip, proj_out -> proj)
+    encoder.conv_blocks.I.downsample.conv.*   levels.I.resample.conv.*
+    encoder.mid.N.* / encoder.conv_in.*       mid.N.* / conv_in.*
+    encoder.norm_out / conv_out, quant_conv   heads.0.0 / heads.0.2, heads.0.3   (the factor head)
+    quantize.embedding.weight                 quantizer.quantizers.0.codebook.weight  (16,384 x 8)
+    post_quant_conv.*                         post_quant.*
+    decoder.conv_blocks.I.upsample.conv.*     decoder.levels.I.resample.conv.*   (the rest as the encoder)
+
+``quantize.codebook_used`` (a usage-statistics buffer) is left out. Released files
+(vq_ds16_c2i.pt, vq_ds8_c2i.pt) are vq_train.py checkpoints ``{"model", "optimizer", "discriminator",
+...}`` (+ ``"ema"`` when trained with EMA, taken by default).
 """
 from __future__ import annotations
 
@@ -45,6 +63,20 @@ RENAMES = [(r"^tok_embeddings\.", "tok_embed.0."), (r"^cls_embedding\.embedding_
 INVERSE = [(r"^tok_embed\.0\.", "tok_embeddings."), (r"^cls_embed\.", "cls_embedding.embedding_table."),
            (r"^out\.0\.", "output."), (r"\.attn\.qkv\.", ".attention.wqkv."), (r"\.attn\.proj\.", ".attention.wo."),
            (r"\.mlp\.", ".feed_forward."), (r"\.norm1\.", ".attention_norm."), (r"\.norm2\.", ".ffn_norm.")]
+
+
+VQ_RENAMES = [(r"^encoder\.norm_out\.", "heads.0.0."), (r"^encoder\.conv_out\.", "heads.0.2."),
+              (r"^quant_conv\.", "heads.0.3."), (r"^quantize\.embedding\.", "quantizer.quantizers.0.codebook."),
+              (r"^post_quant_conv\.", "post_quant."), (r"^encoder\.", ""), (r"\.?conv_blocks\.", ".levels."),
+              (r"^\.", ""), (r"\.(down|up)sample\.", ".resample."), (r"\.nin_shortcut\.", ".skip."),
+              (r"\.proj_out\.", ".proj.")]
+VQ_INVERSE = [(r"^heads\.0\.0\.", "encoder.norm_out."), (r"^heads\.0\.2\.", "encoder.conv_out."),
+              (r"^heads\.0\.3\.", "quant_conv."), (r"^quantizer\.quantizers\.0\.codebook\.", "quantize.embedding."),
+              (r"^post_quant\.", "post_quant_conv."), (r"^(conv_in|levels|mid)\.", r"encoder.\1."),
+              (r"\.levels\.", ".conv_blocks."), (r"^encoder\.(conv_blocks\.\d+)\.resample\.", r"encoder.\1.downsample."),
+              (r"^decoder\.(conv_blocks\.\d+)\.resample\.", r"decoder.\1.upsample."), (r"\.skip\.", ".nin_shortcut."),
+              (r"\.proj\.", ".proj_out.")]
+VQ_NAMES = {(128, (1, 1, 2, 2, 4)): "VQ-16", (128, (1, 2, 2, 4)): "VQ-8"}
 
 
 def official_name(depth: int, dim: int) -> str:
@@ -143,4 +175,65 @@ class LlamaGenGPTImporter(Importer):
                                   f"({g * DOWNSAMPLE} px)", "import_notes": self.notes}
 
 
-__all__ = ["LlamaGenGPTImporter", "image_size_of"]
+def _levels(state: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({m.group(1) for k in state if (m := re.match(rf"{prefix}conv_blocks\.(\d+)\.", k))})
+
+
+@register_importer("llamagen-vq")
+class LlamaGenVQImporter(Importer):
+    title = "LlamaGen VQ (FoundationVision/LlamaGen)"
+
+    def split(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Leaves out ``quantize.codebook_used`` (usage statistics, not a weight)."""
+        stats = [k for k in state if k.endswith("codebook_used")]
+        return {k: v for k, v in state.items() if k not in stats}, ({"codebook usage": len(stats)} if stats else {})
+
+    def recognise(self, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+        from vtok.models.quant import L2VectorQuantizer
+        from vtok.models.registry import MODELS
+        from vtok.models.tokenizers.fqgan import FQGAN
+
+        if any(k.startswith(("quantize_sem.", "quantize_vis.")) for k in state):
+            raise ImporterError("a factorized (FQGAN) tokenizer with quantize_sem / quantize_vis codebooks: not a "
+                                "LlamaGen VQ")
+        need = ["encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight",
+                "encoder.conv_blocks.0.res.0.conv1.weight"]
+        absent = [k for k in need if k not in state]
+        if absent:
+            raise ImporterError(f"not a LlamaGen VQ checkpoint: no {names(absent)} (its keys start "
+                                f"{names(sorted(state))}); is KIND right?")
+        ch = int(state["encoder.conv_in.weight"].shape[0])
+        levels = _levels(state, "encoder.")
+        mult = tuple(int(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0]) // ch for i in range(levels))
+        blocks = len({m.group(1) for k in state if (m := re.match(r"encoder\.conv_blocks\.0\.res\.(\d+)\.", k))})
+        z = int(state["encoder.conv_out.weight"].shape[0])
+        size, dim = (int(s) for s in state["quantize.embedding.weight"].shape)
+        found = dict(ch=ch, ch_mult=mult, num_res_blocks=blocks, z_channels=z)
+        entries = {n: e for n, e in MODELS.items() if e.model is FQGAN and e.config.num_codebooks == 1}
+        candidates = [n for n, e in entries.items() if all(getattr(e.config.cnn, k) == v for k, v in found.items())]
+        if not candidates:
+            desc = ", ".join(f"{k} {v}" for k, v in found.items())
+            raise ImporterError(f"the checkpoint is a VQ with {desc}: not a registered size ({', '.join(sorted(entries))})")
+        arch = sorted(candidates, key=lambda n: MODELS[n].params is None)[0]
+        vq = MODELS[arch].config.vq
+        want = L2VectorQuantizer.Config(**{**vq.__dict__, "codebook_size": size, "dim": dim})
+        return arch, ({"vq": want} if want != vq else {})
+
+    def unsaved_config(self, options: ImportOptions, path: str) -> dict[str, Any]:
+        return {"image_size": options.image_size} if options.image_size else {}
+
+    def to_vtok(self, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        return {rename(k, VQ_RENAMES): v for k, v in state.items()}
+
+    def to_official(self, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        return {rename(k, VQ_INVERSE): v for k, v in state.items()}
+
+    def metadata(self, model: nn.Module, arch: str, ckpt: Checkpoint, options: ImportOptions
+                 ) -> tuple[TokenSpec, dict[str, Any]]:
+        cnn = model.cfg.cnn
+        name = VQ_NAMES.get((cnn.ch, tuple(cnn.ch_mult)), f"VQ x{cnn.downsample}")
+        return model.token_spec, {"official": f"LlamaGen {name} ({model.cfg.vq.codebook_size} x {model.cfg.vq.dim} "
+                                              f"codebook, {model.cfg.image_size} px)"}
+
+
+__all__ = ["LlamaGenGPTImporter", "LlamaGenVQImporter", "image_size_of"]
