@@ -78,13 +78,13 @@ def llamagen_gpt_check(checkout: Path, work: Path) -> dict[str, float]:
     """LlamaGen's c2i ``Transformer`` at gpt-tiny's size, random weights, saved as train_c2i.py saves
     (``{"model", "optimizer", "steps", "args"}``), through ``vtok import llamagen-gpt``: teacher-forced
     logits, and greedy generation through both KV caches (cfg 1 and 2)."""
-    from tools.official_keys import LLAMAGEN_GPT_TINY, llamagen_module
+    from tools.official_keys import LLAMAGEN_GPT_TINY, checkout_module
     from vtok.cli import main
     from vtok.models.api import Condition
     from vtok.models.export import load_export
 
-    gpt = llamagen_module(checkout, "autoregressive.models.gpt")
-    gen_mod = llamagen_module(checkout, "autoregressive.models.generate")
+    gpt = checkout_module(checkout, "autoregressive.models.gpt")
+    gen_mod = checkout_module(checkout, "autoregressive.models.generate")
     from contextlib import nullcontext
     torch.backends.cuda.sdp_kernel = lambda **kw: nullcontext()  # deprecated (or gone) in newer torch; CPU: no-op
     off = gpt.Transformer(gpt.ModelArgs(**LLAMAGEN_GPT_TINY))
@@ -141,6 +141,89 @@ def llamagen_vq_check(checkout: Path, work: Path) -> dict[str, float]:
         a = off.decode_code(indices, shape=(4, 8, 16, 16))
         b = ours.decode(want)
         result["llamagen vq decoded images of the same codes"] = float((a - b).abs().max())
+    return result
+
+
+def fqgan_check(checkout: Path, work: Path, triple: bool = False) -> dict[str, float]:
+    """FQGAN's VQ_16 (Dual or Triple, with feature-prediction heads) at the released size (its adapters
+    hard-code 512 wide over a 16x16 grid), random weights, saved as vq_train.py saves, through ``vtok
+    import fqgan``; both sides then run in float64 on 2 images at 256 px: the codes of every factor,
+    the decoded images of those codes, and each feature-prediction head's CLS output."""
+    from tools.official_keys import fqgan_model
+    from vtok.cli import main
+    from vtok.models.export import load_export
+
+    name = "triple" if triple else "dual"
+    off = fqgan_model(checkout, triple, device="cpu")
+    randomise(off, 8)
+    ckpt = work / f"fqgan_{name}.pt"
+    torch.save({"model": off.state_dict(), "optimizer": {}, "steps": 1}, ckpt)
+    if main(["import", "fqgan", str(ckpt), "--out", str(work / f"fqgan_{name}")]) != 0:
+        raise SystemExit("vtok import fqgan failed")
+    ckpt.unlink()
+    ours = load_export(work / f"fqgan_{name}").model.double().eval()
+    off = off.double().eval()
+    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 2 - 1
+    label = f"fqgan-{name}"
+    with torch.no_grad():
+        out = off.encode(x)
+        k = 3 if triple else 2
+        quants, infos = out[:k], out[k:]
+        # official encode returns (sem..., vis) / (vis, mid, high) orders; the decoder order is vis, sem(s)
+        order = [1, 0] if not triple else [0, 1, 2]
+        want = torch.stack([infos[i][2].view(2, 16, 16) for i in order], 1)
+        codes = ours.encode(x)
+        result = {f"{label} codes of {k} factors: tokens that differ (of {codes.numel()})": float((want != codes).sum())}
+        shape = (2, ours.cfg.vq.dim, 16, 16)
+        flat = [infos[i][2] for i in order]
+        a = (off.decode_code(flat[1], flat[0], shape, shape) if not triple
+             else off.decode_code(flat[0], flat[1], flat[2], shape, shape, shape))
+        result[f"{label} decoded images of the same codes"] = float((a - ours.decode(want)).abs().max())
+        heads = {1: off.feat_pred_head} if not triple else {1: off.mid_sem_feat_pred, 2: off.high_sem_feat_pred}
+        q = [quants[i] for i in order]
+        for j, head in heads.items():
+            diff = (head(q[j])[:, 0] - ours.align_heads[str(j)](q[j])).abs().max()
+            result[f"{label} feature-prediction head {j} (CLS output)"] = float(diff)
+    return result
+
+
+def far_check(checkout: Path, work: Path, triple: bool = False) -> dict[str, float]:
+    """FQGAN's FAR (far_dual.py / far_triple.py ``Transformer``) at far-{dual,triple}-tiny's size, random
+    weights, through ``vtok import far``: teacher-forced logits of every sub-code, and generation with
+    top-k 1 through both samplers (the official ``generate_fq``, cfg 1.5 and 2 on every sub-code; with
+    cfg 1 it sizes its KV cache for 2B rows and fails, so its evaluation always guides)."""
+    from tools.official_keys import checkout_module, far_model
+    from vtok.cli import main
+    from vtok.models.api import Condition
+    from vtok.models.export import load_export
+
+    name = "triple" if triple else "dual"
+    k = 3 if triple else 2
+    gen_mod = checkout_module(checkout, f"autoregressive.models.generate_{name}")
+    off = far_model(checkout, triple)
+    randomise(off, 10)
+    ckpt = work / f"far_{name}_tiny_128.pt"  # 128 px / 16 = the 8x8 grid of block_size 64
+    torch.save({"model": off.state_dict(), "optimizer": {}, "steps": 1}, ckpt)
+    if main(["import", "far", str(ckpt), "--out", str(work / f"far_{name}")]) != 0:
+        raise SystemExit("vtok import far failed")
+    ours = load_export(work / f"far_{name}").model.eval()
+    off = off.eval()
+    g = torch.Generator().manual_seed(11)
+    labels = torch.tensor([0, 7, 23, 24])  # 24 = the null class
+    codes = torch.randint(0, 16384, (4, k, 8, 8), generator=g)
+    result = {}
+    with torch.no_grad():
+        want = off(*codes.flatten(2).unbind(1), labels, input_pos=torch.arange(64))[:k]
+        got = ours(codes, Condition(labels=labels))
+        for j in range(k):
+            result[f"far-{name} teacher-forced logits, sub-code {j}"] = float((want[j] - got[j]).abs().max())
+        for cfg in (1.5, 2.0):
+            torch.manual_seed(0)
+            ref = gen_mod.generate_fq(off, labels[:3], 64, cfg_scale=[cfg] * k, temperature=[1.0] * k, top_k=[1] * k,
+                                      top_p=[1.0] * k)
+            mine = ours.generate(Condition(labels=labels[:3]), guidance=cfg, top_k=1).flatten(2)
+            differ = sum(int((r.long() != mine[:, j]).sum()) for j, r in enumerate(ref))
+            result[f"far-{name} top-1 generate, cfg {cfg:g}: tokens that differ (of {mine.numel()})"] = float(differ)
     return result
 
 
@@ -270,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dit", default="", help="facebookresearch/DiT checkout (default: skip DiT)")
     ap.add_argument("--flextok", default="", help="apple/ml-flextok checkout (default: skip FlexTok)")
     ap.add_argument("--llamagen", default="", help="FoundationVision/LlamaGen checkout (default: skip LlamaGen)")
+    ap.add_argument("--fqgan", default="", help="showlab/FQGAN checkout (needs einops; default: skip FQGAN)")
+    ap.add_argument("--skip-fqgan-tokenizers", action="store_true", help="with --fqgan: only the FAR checks (the "
+                    "tokenizers run at the released size: ~1 min and 8 GB)")
     ap.add_argument("--json", default="", help="also write the diffs here (default: none)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -282,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.llamagen:
             results.update(llamagen_gpt_check(Path(args.llamagen).resolve(), Path(tmp)))
             results.update(llamagen_vq_check(Path(args.llamagen).resolve(), Path(tmp)))
+        if args.fqgan and not args.skip_fqgan_tokenizers:
+            results.update(fqgan_check(Path(args.fqgan).resolve(), Path(tmp)))
+            results.update(fqgan_check(Path(args.fqgan).resolve(), Path(tmp), triple=True))
+        if args.fqgan:
+            results.update(far_check(Path(args.fqgan).resolve(), Path(tmp)))
+            results.update(far_check(Path(args.fqgan).resolve(), Path(tmp), triple=True))
     failed = False
     for name, diff in results.items():
         must = "by design" not in name and "rounding" not in name

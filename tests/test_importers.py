@@ -22,8 +22,10 @@ from vtok.models.registry import build_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_keys"
 KINDS = {"dit": ("dit_tiny", "dit-tiny"), "flextok": ("flextok_tiny", "flextok-tiny"),
-         "llamagen-gpt": ("llamagen_gpt_tiny", "gpt-tiny"), "llamagen-vq": ("llamagen_vq_tiny", "vqgan-tiny")}
-RECOGNISED = {"llamagen-gpt": {"prefix_rope": "zero"}}  # config the tiny entry differs in from the official one
+         "llamagen-gpt": ("llamagen_gpt_tiny", "gpt-tiny"), "llamagen-vq": ("llamagen_vq_tiny", "vqgan-tiny"),
+         "far": ("far_dual_tiny", "far-dual-tiny")}
+# config the tiny entries differ in from the official models
+RECOGNISED = {"llamagen-gpt": {"prefix_rope": "zero"}, "far": {"prefix_rope": "zero", "head_rope": "trunk"}}
 SIZE = ["--image-size", "128"]  # LlamaGen GPTs: the token grid (128 / 16 = gpt-tiny's 8x8); others ignore it
 
 
@@ -97,8 +99,9 @@ def test_import_writes_an_export_holding_the_source_weights(kind, tmp_path):
         assert result.checkpoint.dropped == {"codebook usage": 1} and exp.token_spec.vocab_sizes == (256,)
         assert exp.resolution == 128 and exp.model.cfg.image_size == 128  # --image-size
     else:
-        assert exp.model.cfg.prefix_rope == "zero" and exp.token_spec.shape == (1, 8, 8)
-        assert exp.meta["imported"]["overrides"] == {"prefix_rope": "zero"} and exp.meta["tokenizer"] == ""
+        k = len(exp.model.cfg.vocab_sizes)
+        assert exp.model.cfg.prefix_rope == "zero" and exp.token_spec.shape == (k, 8, 8)
+        assert exp.meta["imported"]["overrides"] == RECOGNISED[kind] and exp.meta["tokenizer"] == ""
 
 
 def test_dit_training_checkpoint_picks_ema_unless_no_ema(tmp_path, capsys):
@@ -194,7 +197,8 @@ def test_flextok_sincos_facts_vae_keys_and_a_foreign_table(tmp_path, capsys):
     ("dit", "dit-xl-2", {}), ("dit", "dit-xl-2", {"input_size": 64}), ("dit", "dit-b-4", {}),
     ("flextok", "flextok-d12-d12", {}), ("flextok", "flextok-d18-d28", {}),
     ("llamagen-gpt", "gpt-b", {"prefix_rope": "zero"}), ("llamagen-gpt", "gpt-3b", {"prefix_rope": "zero"}),
-    ("llamagen-vq", "vqgan-f16", {}), ("llamagen-vq", "vqgan-f8", {})])
+    ("llamagen-vq", "vqgan-f16", {}), ("llamagen-vq", "vqgan-f8", {}),
+    ("far", "far-b-dual", RECOGNISED["far"]), ("far", "far-l-triple", RECOGNISED["far"])])
 def test_released_sizes_are_recognised_from_shapes(kind, arch, overrides):
     """Full sizes on the meta device: DiT-XL/2 at 256 and 512 px (the released files), FlexTok sizes."""
     imp = get_importer(kind)
@@ -237,33 +241,35 @@ def test_flextok_registers_null_and_output_head_follow_the_official_semantics(tm
     assert torch.equal(load_export(tmp_path / "zero").model.decoder.null_token, torch.zeros(d))
 
 
-def llamagen_reference_logits(sd: dict[str, torch.Tensor], seq: torch.Tensor, labels: torch.Tensor, heads: int,
-                              grid: int) -> torch.Tensor:
-    """LlamaGen's c2i forward written out on the official keys (autoregressive/models/gpt.py, eval):
-    [class | tokens[:-1]] -> RMSNorm -> wqkv split q | k | v -> pair-wise rotation by the 2D table with
-    a zero row for the class token -> causal SDPA -> wo; RMSNorm -> w2(silu(w1) * w3); norm -> output."""
-    def rms(x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
-
-    x = torch.cat([sd["cls_embedding.embedding_table.weight"][labels][:, None],
-                   sd["tok_embeddings.weight"][seq[:, :-1]]], 1)
-    b, n, d = x.shape
-    hd = d // heads
-    q4 = hd // 4  # rotated pairs per axis
-    freqs = 1.0 / (10000 ** (torch.arange(0, hd // 2, 2)[:q4].float() / (hd // 2)))
-    angles = torch.arange(grid).float()[:, None] * freqs  # (grid, hd / 4)
+def llamagen_rope_table(grid: int, head_dim: int) -> torch.Tensor:
+    """LlamaGen's ``precompute_freqs_cis_2d`` with one class token: a zero row, then the (row, col)
+    grid; (1 + grid^2, head_dim / 2, 2) of (cos, sin)."""
+    q4 = head_dim // 4  # rotated pairs per axis
+    freqs = 1.0 / (10000 ** (torch.arange(0, head_dim // 2, 2)[:q4].float() / (head_dim // 2)))
+    angles = torch.arange(grid).float()[:, None] * freqs  # (grid, head_dim / 4)
     grid_angles = torch.cat([angles[:, None].expand(-1, grid, -1), angles[None].expand(grid, -1, -1)], -1)
     table = torch.stack([grid_angles.cos(), grid_angles.sin()], -1).flatten(0, 1)
-    table = torch.cat([torch.zeros(1, hd // 2, 2), table])[:n]  # (n, hd / 2, 2)
+    return torch.cat([torch.zeros(1, head_dim // 2, 2), table])
+
+
+def llamagen_blocks(x: torch.Tensor, sd: dict[str, torch.Tensor], prefix: str, heads: int,
+                    table: torch.Tensor) -> torch.Tensor:
+    """LlamaGen's TransformerBlocks ``prefix``0.. on x (B, N, D), causal: RMSNorm -> wqkv split q | k | v
+    -> pair-wise rotation by ``table`` (N, hd / 2, 2) -> SDPA -> wo; RMSNorm -> w2(silu(w1) * w3)."""
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    b, n, d = x.shape
+    hd = d // heads
 
     def rotate(t):  # (b, n, heads, hd)
         p = t.reshape(b, n, heads, hd // 2, 2)
-        c, s_ = table[None, :, None, :, 0], table[None, :, None, :, 1]
+        c, s_ = table[None, :n, None, :, 0], table[None, :n, None, :, 1]
         return torch.stack([p[..., 0] * c - p[..., 1] * s_, p[..., 1] * c + p[..., 0] * s_], -1).flatten(3)
 
-    layers = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
-    for i in range(layers):
-        L = f"layers.{i}."
+    depth = len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    for i in range(depth):
+        L = f"{prefix}{i}."
         q, k, v = F.linear(rms(x, sd[L + "attention_norm.weight"]), sd[L + "attention.wqkv.weight"]).split(d, -1)
         q, k = rotate(q.view(b, n, heads, hd)), rotate(k.view(b, n, heads, hd))
         att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
@@ -272,7 +278,36 @@ def llamagen_reference_logits(sd: dict[str, torch.Tensor], seq: torch.Tensor, la
         h = rms(x, sd[L + "ffn_norm.weight"])
         x = x + F.linear(F.silu(F.linear(h, sd[L + "feed_forward.w1.weight"])) * F.linear(h, sd[L + "feed_forward.w3.weight"]),
                          sd[L + "feed_forward.w2.weight"])
-    return F.linear(rms(x, sd["norm.weight"]), sd["output.weight"])
+    return x
+
+
+def llamagen_reference_logits(sd: dict[str, torch.Tensor], seq: torch.Tensor, labels: torch.Tensor, heads: int,
+                              grid: int) -> torch.Tensor:
+    """LlamaGen's c2i forward written out on the official keys (autoregressive/models/gpt.py, eval):
+    [class | tokens[:-1]] -> blocks with the zero-row 2D table -> RMSNorm -> output."""
+    x = torch.cat([sd["cls_embedding.embedding_table.weight"][labels][:, None],
+                   sd["tok_embeddings.weight"][seq[:, :-1]]], 1)
+    table = llamagen_rope_table(grid, x.shape[-1] // heads)
+    x = llamagen_blocks(x, sd, "layers.", heads, table)
+    return F.linear(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * sd["norm.weight"], sd["output.weight"])
+
+
+def far_reference_logits(sd: dict[str, torch.Tensor], codes: torch.Tensor, labels: torch.Tensor, heads: int,
+                         grid: int) -> list[torch.Tensor]:
+    """FQGAN's FAR forward written out on the official keys (far_dual.py / far_triple.py, eval): the
+    sub-code embeddings concatenated -> aggregation_layer; the trunk as LlamaGen's; per position the head
+    runs over [h_t, e_1(c_t1), ..] rotated by the trunk table's first k rows; norm; output_J."""
+    k = codes.shape[1]
+    emb = torch.cat([sd[f"tok_embeddings_{j + 1}.weight"][codes[:, j]] for j in range(k)], -1)
+    agg = F.linear(emb, sd["aggregation_layer.weight"], sd["aggregation_layer.bias"])
+    x = torch.cat([sd["cls_embedding.embedding_table.weight"][labels][:, None], agg[:, :-1]], 1)
+    b, n, d = x.shape
+    table = llamagen_rope_table(grid, d // heads)
+    h = llamagen_blocks(x, sd, "layers.", heads, table)
+    ctx = torch.stack([h] + [sd[f"tok_embeddings_{j + 1}.weight"][codes[:, j]] for j in range(k - 1)], 2)
+    ctx = llamagen_blocks(ctx.reshape(b * n, k, d), sd, "ar_head.", heads, table[:k]).view(b, n, k, d)
+    ctx = ctx * torch.rsqrt(ctx.pow(2).mean(-1, keepdim=True) + 1e-5) * sd["norm.weight"]
+    return [F.linear(ctx[:, :, j], sd[f"output_{j + 1}.weight"]) for j in range(k)]
 
 
 def test_llamagen_gpt_import_gives_llamagens_logits_and_sizes_its_grid_from_the_name(tmp_path, capsys):
@@ -349,3 +384,113 @@ def test_imported_llamagen_gpt_samples_through_the_imported_vq_it_records(tmp_pa
                  "--per-class", "1", "--npz", "--guidance", "2.0"]) == 0
     arr = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
     assert arr.shape == (2, 32, 32, 3) and arr.dtype == np.uint8
+
+
+@pytest.mark.parametrize("name,arch", [("fqgan_dual_f16", "fqgan-dual-f16"), ("fqgan_triple_f16", "fqgan-triple-f16")])
+def test_fqgan_fixtures_are_the_released_layouts(name, arch):
+    """The released FQGAN-Dual / Triple x16 layouts (showlab/FQGAN on the meta device) are vtok's
+    registry sizes exactly, and are recognised from their shapes."""
+    data = json.loads((FIXTURES / f"{name}.json").read_text())
+    assert data["vtok_arch"] == arch and data["commit"]
+    imp = get_importer("fqgan")
+    with torch.device("meta"):
+        model = build_model(arch)
+        state = {k: torch.empty(shape) for k, shape in data["keys"].items()}
+    weights, dropped = imp.split(state)
+    assert dropped == {"codebook usage": model.cfg.num_codebooks}
+    assert expected_official(imp, model) == {k: tuple(v.shape) for k, v in weights.items()}
+    assert imp.recognise(weights) == (arch, {})
+
+
+def fqgan_official(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    """A random FQGAN state dict in the official layout at a tiny size (plus the usage buffers)."""
+    imp, model = get_importer("fqgan"), build_model(arch)
+    g = torch.Generator().manual_seed(seed)
+    official = {k: torch.randn(v.shape, generator=g) for k, v in imp.to_official(model.state_dict(), model).items()}
+    suffixes = ("vis", "sem") if model.cfg.num_codebooks == 2 else ("vis", "sem_mid", "sem_high")
+    official.update({f"quantize_{s}.codebook_used": torch.zeros(65536) for s in suffixes})
+    return official
+
+
+@pytest.mark.parametrize("arch", ["fqgan-dual-tiny", "fqgan-triple-tiny"])
+def test_fqgan_import_round_trips_and_reads_the_official_names(arch, tmp_path, capsys):
+    official = fqgan_official(arch, seed=10)
+    assert official["encoder.visual_head.0.transformer.0.attn.in_proj_weight"].shape[0] == 3 * 64
+    head = "feat_pred_head" if "dual" in arch else "high_sem_feat_pred"
+    assert official[f"{head}.class_embedding"].dim() == 2  # (1, W) officially; vtok's cls is (1, 1, W)
+    torch.save({"model": official, "optimizer": {}, "steps": 1}, tmp_path / "fqgan.pt")
+    assert main(["import", "fqgan", str(tmp_path / "fqgan.pt"), "--out", str(tmp_path / "e")]) == 0
+    exp = load_export(tmp_path / "e")
+    assert exp.arch == arch and exp.meta["imported"]["left_out"] == {"codebook usage": exp.model.cfg.num_codebooks}
+    imp = get_importer("fqgan")
+    back = imp.to_official(exp.model.state_dict(), exp.model)
+    weights, _ = imp.split(official)
+    assert back.keys() == weights.keys() and all(torch.equal(back[k], weights[k]) for k in weights)
+    # trained without representation supervision: no feature heads, imported with align = {}
+    bare = {k: v for k, v in official.items() if "feat_pred" not in k}
+    torch.save({"model": bare}, tmp_path / "bare.pt")
+    assert main(["import", "fqgan", str(tmp_path / "bare.pt"), "--out", str(tmp_path / "b")]) == 0
+    assert load_export(tmp_path / "b").model.cfg.align == {}
+    # each kind names the other
+    torch.save({"model": official_state("llamagen-vq")}, tmp_path / "vq.pt")
+    assert "llamagen-vq" in one_line_error(capsys, "import", "fqgan", str(tmp_path / "vq.pt"), "--out", str(tmp_path / "x"))
+    assert "FQGAN" in one_line_error(capsys, "import", "llamagen-vq", str(tmp_path / "fqgan.pt"), "--out",
+                                     str(tmp_path / "y"))
+
+
+def test_fqgan_adapter_is_multihead_attention_blocks_on_the_official_keys():
+    """An FQGAN factor adapter as the official code runs it (torch's nn.MultiheadAttention, LayerNorm
+    eps 1e-5, exact GELU, positions then ln_pre ... ln_post over the H*W grid) on the official keys,
+    against vtok's adapter after the mapping."""
+    official = fqgan_official("fqgan-dual-tiny", seed=11)
+    model = build_model("fqgan-dual-tiny").eval()
+    model.load_state_dict(get_importer("fqgan").to_vtok(get_importer("fqgan").split(official)[0], model))
+    p = "encoder.semantic_head.0."
+    w = official[p + "ln_pre.weight"].shape[0]
+    x = torch.randn(2, w, 16, 16, generator=torch.Generator().manual_seed(12))
+    seq = x.flatten(2).transpose(1, 2) + official[p + "positional_embedding"]
+    seq = F.layer_norm(seq, (w,), official[p + "ln_pre.weight"], official[p + "ln_pre.bias"])
+    layers = len({k.split(".")[4] for k in official if k.startswith(p + "transformer.")})
+    for i in range(layers):
+        L = f"{p}transformer.{i}."
+        mha = torch.nn.MultiheadAttention(w, model.cfg.adapter_heads, batch_first=True)
+        mha.load_state_dict({"in_proj_weight": official[L + "attn.in_proj_weight"],
+                             "in_proj_bias": official[L + "attn.in_proj_bias"],
+                             "out_proj.weight": official[L + "attn.out_proj.weight"],
+                             "out_proj.bias": official[L + "attn.out_proj.bias"]})
+        h = F.layer_norm(seq, (w,), official[L + "ln_1.weight"], official[L + "ln_1.bias"])
+        seq = seq + mha(h, h, h, need_weights=False)[0]
+        h = F.layer_norm(seq, (w,), official[L + "ln_2.weight"], official[L + "ln_2.bias"])
+        h = F.gelu(F.linear(h, official[L + "mlp.c_fc.weight"], official[L + "mlp.c_fc.bias"]))
+        seq = seq + F.linear(h, official[L + "mlp.c_proj.weight"], official[L + "mlp.c_proj.bias"])
+    seq = F.layer_norm(seq, (w,), official[p + "ln_post.weight"], official[p + "ln_post.bias"])
+    with torch.no_grad():
+        ours = model.heads[1][0](x)  # heads: [vis, sem]
+    torch.testing.assert_close(ours, seq.transpose(1, 2).reshape_as(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixture_name,arch", [("far_dual_tiny", "far-dual-tiny"), ("far_triple_tiny", "far-triple-tiny")])
+def test_far_import_gives_fqgans_logits(fixture_name, arch, tmp_path):
+    """FAR-dual and FAR-triple (official layout from the fixture, random weights) through vtok import far
+    give the written-out official forward's logits for every sub-code; vtok's own head RoPE (1D over
+    the k head positions) would not."""
+    from vtok.models.api import Condition
+
+    data = json.loads((FIXTURES / f"{fixture_name}.json").read_text())
+    assert data["vtok_arch"] == arch and data["commit"]
+    g = torch.Generator().manual_seed(13)
+    official = {k: torch.randn(*shape, generator=g) * 0.2 for k, shape in data["keys"].items()}
+    torch.save({"model": official, "steps": 1}, tmp_path / "far_tiny_128.pt")
+    assert main(["import", "far", str(tmp_path / "far_tiny_128.pt"), "--out", str(tmp_path / "e")]) == 0
+    far = load_export(tmp_path / "e").model
+    assert far.cfg.head_rope == "trunk" and far.cfg.prefix_rope == "zero"
+    k = len(far.cfg.vocab_sizes)
+    codes, labels = torch.randint(0, 16384, (2, k, 8, 8), generator=g), torch.tensor([3, 24])
+    ref = far_reference_logits(official, codes.flatten(2), labels, heads=4, grid=8)
+    with torch.no_grad():
+        ours = far(codes, Condition(labels=labels))
+        for j in range(k):
+            torch.testing.assert_close(ours[j], ref[j], rtol=1e-4, atol=1e-4)
+        plain = build_model(arch, prefix_rope="zero").eval()
+        plain.load_state_dict(far.state_dict())
+        assert (plain(codes, Condition(labels=labels))[1] - ref[1]).abs().max() > 1e-2

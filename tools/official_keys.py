@@ -1,10 +1,11 @@
-"""Write tests/fixtures/official_keys/{dit_tiny,flextok_tiny,llamagen_gpt_tiny,llamagen_vq_tiny}.json:
-the official state-dict key names and shapes at the tiny sizes of vtok's ``dit-tiny``,
-``flextok-tiny``, ``gpt-tiny`` and ``vqgan-tiny`` registry entries, read from the official model classes (instantiated on CPU from a
+"""Write tests/fixtures/official_keys/{dit_tiny,flextok_tiny,llamagen_gpt_tiny,llamagen_vq_tiny,
+fqgan_dual_f16,fqgan_triple_f16,far_dual_tiny,far_triple_tiny}.json: the official state-dict key names and shapes at the tiny sizes
+of vtok's ``dit-tiny``, ``flextok-tiny``, ``gpt-tiny`` and ``vqgan-tiny`` registry entries (FQGAN:
+at the released size, see below), read from the official model classes (instantiated on CPU from a
 checkout; nothing is downloaded).
 
     python tools/official_keys.py --dit DIT_CHECKOUT --flextok ML_FLEXTOK_CHECKOUT \
-        --llamagen LLAMAGEN_CHECKOUT [--out DIR]
+        --llamagen LLAMAGEN_CHECKOUT --fqgan FQGAN_CHECKOUT [--out DIR]
 
 DIT_CHECKOUT: a facebookresearch/DiT checkout (needs timm); its ``models.DiT`` is built with
 depth 2, width 64, 4 heads, patch 2, 8x8x4 latents, 24 classes, learned sigma.
@@ -30,6 +31,13 @@ size (``VQModel`` fixes the CNN width at 128 and 2 res blocks, so its encoder an
 from the same module's ``Encoder`` / ``Decoder`` with ch 32, ch_mult (1, 2, 2), 1 res block, z 32;
 codebook 256 x 8).
 
+FQGAN_CHECKOUT: a showlab/FQGAN checkout (needs einops); ``tokenizer/vq_model_dual.py`` /
+``vq_model_triple.py`` ``VQ_16(with_clip_supervision=True)``, built on the meta device: their factor
+adapters hard-code width 512 and a 256 px grid, so no tiny official build exists; the fixtures list
+the released FQGAN-Dual / Triple x16 layout (shapes only, no weights). Its
+``autoregressive/models/far_dual.py`` / ``far_triple.py`` ``Transformer`` is built c2i at
+far-dual-tiny's / far-triple-tiny's size (gpt-tiny's trunk, 1 head layer).
+
 Each fixture also records the checkout's commit when it is a git checkout, and the FlexTok one the
 largest difference between the official sin-cos tables and vtok's reimplementation of their formula
 (``vtok.importers.flextok.official_sincos``), which must be 0.
@@ -41,6 +49,7 @@ import json
 import subprocess
 import sys
 import types
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -82,20 +91,28 @@ LLAMAGEN_GPT_TINY = dict(dim=128, n_layer=4, n_head=4, vocab_size=16384, num_cla
                          cls_token_num=1, model_type="c2i")
 
 
-def llamagen_module(checkout: Path, name: str):
-    """Import ``name`` (e.g. ``autoregressive.models.gpt``) from a LlamaGen checkout (its modules import
-    ``utils.*`` from the checkout's root)."""
-    import importlib
+def checkout_module(checkout: Path, name: str):
+    """The module ``name`` (e.g. ``autoregressive.models.gpt``) of a LlamaGen / FQGAN checkout, loaded from
+    its file under a name unique to the checkout (both repositories have ``autoregressive.models``);
+    their ``from utils.drop_path import DropPath`` resolves against the checkout's root."""
+    import importlib.util
 
+    key = f"official_{abs(hash(str(checkout)))}_{name.replace('.', '_')}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, checkout / (name.replace(".", "/") + ".py"))
+    module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(checkout))
     try:
-        return importlib.import_module(name)
+        spec.loader.exec_module(module)
     finally:
         sys.path.pop(0)
+    sys.modules[key] = module
+    return module
 
 
 def llamagen_gpt_keys(checkout: Path, commit: str = "") -> dict:
-    gpt = llamagen_module(checkout, "autoregressive.models.gpt")
+    gpt = checkout_module(checkout, "autoregressive.models.gpt")
     model = gpt.Transformer(gpt.ModelArgs(**LLAMAGEN_GPT_TINY))
     return {"source": "FoundationVision/LlamaGen autoregressive/models/gpt.py (class Transformer, c2i)",
             "commit": commit_of(checkout, commit), "official_config": LLAMAGEN_GPT_TINY, "vtok_arch": "gpt-tiny",
@@ -108,7 +125,7 @@ LLAMAGEN_VQ_TINY = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=3
 
 def llamagen_vq(checkout: Path) -> nn.Module:
     """LlamaGen's ``VQModel`` at vqgan-tiny's size (see the module docstring)."""
-    vq = llamagen_module(checkout, "tokenizer.tokenizer_image.vq_model")
+    vq = checkout_module(checkout, "tokenizer.tokenizer_image.vq_model")
     t = LLAMAGEN_VQ_TINY
     cnn = dict(ch=t["ch"], ch_mult=t["ch_mult"], num_res_blocks=t["num_res_blocks"], z_channels=t["z_channels"])
     model = vq.VQModel(vq.ModelArgs(codebook_size=t["codebook_size"], codebook_embed_dim=t["codebook_embed_dim"],
@@ -122,6 +139,43 @@ def llamagen_vq_keys(checkout: Path, commit: str = "") -> dict:
     return {"source": "FoundationVision/LlamaGen tokenizer/tokenizer_image/vq_model.py (class VQModel; Encoder / "
                       "Decoder at a tiny width)", "commit": commit_of(checkout, commit),
             "official_config": LLAMAGEN_VQ_TINY, "vtok_arch": "vqgan-tiny", "keys": shapes(llamagen_vq(checkout))}
+
+
+def fqgan_model(checkout: Path, triple: bool, device: str = "meta") -> nn.Module:
+    """FQGAN's VQ_16 with feature-prediction heads (Dual or Triple), its construction prints silenced."""
+    import contextlib
+    import io
+
+    mod = checkout_module(checkout, "tokenizer.vq_model_triple" if triple else "tokenizer.vq_model_dual")
+    with torch.device(device), contextlib.redirect_stdout(io.StringIO()):
+        return mod.VQ_16(with_clip_supervision=True)
+
+
+def fqgan_keys(checkout: Path, commit: str = "", triple: bool = False) -> dict:
+    name = "triple" if triple else "dual"
+    return {"source": f"showlab/FQGAN tokenizer/vq_model_{name}.py (VQ_16, with_clip_supervision=True; meta device)",
+            "commit": commit_of(checkout, commit), "official_config": {"model": "VQ-16", "with_clip_supervision": True},
+            "vtok_arch": f"fqgan-{name}-f16", "keys": shapes(fqgan_model(checkout, triple))}
+
+
+def far_model(checkout: Path, triple: bool, device: str = "cpu") -> nn.Module:
+    """FQGAN's FAR at far-{dual,triple}-tiny's size, its construction prints silenced."""
+    import contextlib
+    import io
+
+    mod = checkout_module(checkout, "autoregressive.models.far_triple" if triple else "autoregressive.models.far_dual")
+    with torch.device(device), contextlib.redirect_stdout(io.StringIO()):
+        return mod.Transformer(mod.ModelArgs(**FAR_TINY))
+
+
+FAR_TINY = {**LLAMAGEN_GPT_TINY, "ar_n_layer": 1}
+
+
+def far_keys(checkout: Path, commit: str = "", triple: bool = False) -> dict:
+    name = "triple" if triple else "dual"
+    return {"source": f"showlab/FQGAN autoregressive/models/far_{name}.py (class Transformer, c2i)",
+            "commit": commit_of(checkout, commit), "official_config": FAR_TINY, "vtok_arch": f"far-{name}-tiny",
+            "keys": shapes(far_model(checkout, triple))}
 
 
 def _stub_mup() -> None:
@@ -235,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--llamagen", default="", help="FoundationVision/LlamaGen checkout (default: skip LlamaGen)")
     ap.add_argument("--llamagen-commit", default="", help="commit of --llamagen when it is not a git checkout "
                     "(default: ask git)")
+    ap.add_argument("--fqgan", default="", help="showlab/FQGAN checkout (default: skip FQGAN)")
+    ap.add_argument("--fqgan-commit", default="", help="commit of --fqgan when it is not a git checkout "
+                    "(default: ask git)")
     ap.add_argument("--dit-commit", default="", help="commit of --dit when it is not a git checkout "
                     "(default: ask git)")
     ap.add_argument("--flextok-commit", default="", help="commit of --flextok when it is not a git checkout "
@@ -247,7 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, checkout, commit, fn in (("dit_tiny", args.dit, args.dit_commit, dit_keys),
                                        ("flextok_tiny", args.flextok, args.flextok_commit, flextok_keys),
                                        ("llamagen_gpt_tiny", args.llamagen, args.llamagen_commit, llamagen_gpt_keys),
-                                       ("llamagen_vq_tiny", args.llamagen, args.llamagen_commit, llamagen_vq_keys)):
+                                       ("llamagen_vq_tiny", args.llamagen, args.llamagen_commit, llamagen_vq_keys),
+                                       ("fqgan_dual_f16", args.fqgan, args.fqgan_commit, fqgan_keys),
+                                       ("fqgan_triple_f16", args.fqgan, args.fqgan_commit,
+                                        partial(fqgan_keys, triple=True)),
+                                       ("far_dual_tiny", args.fqgan, args.fqgan_commit, far_keys),
+                                       ("far_triple_tiny", args.fqgan, args.fqgan_commit, partial(far_keys, triple=True))):
         if not checkout:
             continue
         data = fn(Path(checkout).resolve(), commit)

@@ -113,11 +113,12 @@ def get_importer(kind: str) -> Importer:
 
 
 def _load_builtin() -> None:
-    from vtok.importers import dit, flextok, llamagen  # noqa: F401  (registration)
+    from vtok.importers import dit, flextok, fqgan, llamagen  # noqa: F401  (registration)
 
 
-def rename(key: str, rules: list[tuple[str, str]]) -> str:
-    """``key`` with each (regex, replacement) rule applied in order (each at most once)."""
+def rename(key: str, rules: list[tuple[str, Any]]) -> str:
+    """``key`` with each (regex, replacement) rule applied in order (each at most once); a
+    replacement is a string or a function of the match (``re.sub``'s)."""
     for pattern, repl in rules:
         key = re.sub(pattern, repl, key)
     return key

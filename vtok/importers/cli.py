@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-KINDS = ("dit", "flextok", "llamagen-gpt", "llamagen-vq")  # the built-in importers (vtok.importers.IMPORTERS holds plugins too)
+KINDS = ("dit", "flextok", "llamagen-gpt", "llamagen-vq", "fqgan", "far")  # the built-in importers (vtok.importers.IMPORTERS holds plugins too)
 
 
 def add_import_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    imp = sub.add_parser("import", help="a released checkpoint (DiT, FlexTok, LlamaGen GPT / VQ) -> a vtok export",
+    imp = sub.add_parser("import", help="a released checkpoint (DiT, FlexTok, LlamaGen GPT / VQ, FQGAN, FAR) -> a vtok export",
                          description="Map a released checkpoint onto vtok's model and write a normal vtok "
                          "export (model.safetensors + config.json) that sample / eval / precompute / "
                          "fine-tuning read. The file is read safely (safetensors, or torch.load with "
@@ -27,8 +27,8 @@ def add_import_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     imp.add_argument("--arch", default="", help="insist on this registry size, e.g. dit-xl-2; a checkpoint "
                      "of another size is refused (default: the size the shapes say)")
     imp.add_argument("--image-size", type=int, default=0, help="image size the model was trained at, where the "
-                     "weights do not say: LlamaGen GPTs (their token grid is image_size / 16; default: read from "
-                     "the file name, e.g. c2i_XL_384.pt -> 384) and VQ tokenizers (the export's resolution; "
+                     "weights do not say: LlamaGen GPTs and FAR (their token grid is image_size / 16; default: read "
+                     "from the file name, e.g. c2i_XL_384.pt -> 384) and VQ tokenizers (the export's resolution; "
                      "default: the registry size's, 256)")
     imp.add_argument("--tokenizer", default="", help="generators: the `vtok export` dir of the tokenizer whose "
                      "codes the model predicts (e.g. from `vtok import llamagen-vq`), recorded so that "

@@ -125,8 +125,11 @@ class DiTImporter(Importer):
                 raise ImporterError(f"--vae {options.vae}: no config.json there; pass a local diffusers "
                                     "AutoencoderKL directory (e.g. stabilityai/sd-vae-ft-ema)")
             vae = str(Path(options.vae).resolve())
+        # sample.py's forward_with_cfg guides only the first 3 of the 4 latent channels ("for exact
+        # reproducibility"); the published FIDs were sampled that way
         diffusion = {"objective": "ddpm", "flow_loc": 0.0, "flow_scale": 1.0, "flow_shift": 1.0,
-                     "num_timesteps": 1000, "learn_sigma": bool(cfg.learn_sigma)}
+                     "num_timesteps": 1000, "learn_sigma": bool(cfg.learn_sigma),
+                     "guided_channels": min(3, c)}
         return spec, {"source": "latents", "diffusion": diffusion, "vae": vae, "latent_scaling": SD_VAE_SCALE,
                       "latent_shift": 0.0,
                       "official": official_name(cfg.depth, cfg.hidden, cfg.patch_size, cfg.input_size)}

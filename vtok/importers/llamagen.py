@@ -160,8 +160,8 @@ class LlamaGenGPTImporter(Importer):
 
         cfg = model.cfg
         g = cfg.token_shape[0]
-        spec = TokenSpec(shape=(1, *cfg.token_shape), resolution=g * DOWNSAMPLE, vocab_sizes=cfg.vocab_sizes,
-                         downsample=DOWNSAMPLE)
+        spec = TokenSpec(shape=(len(cfg.vocab_sizes), *cfg.token_shape), resolution=g * DOWNSAMPLE,
+                         vocab_sizes=cfg.vocab_sizes, downsample=DOWNSAMPLE)
         tokenizer = ""
         if options.tokenizer:
             from vtok.eval.sample import check_pair
@@ -175,7 +175,7 @@ class LlamaGenGPTImporter(Importer):
                                   f"({g * DOWNSAMPLE} px)", "import_notes": self.notes}
 
 
-def _levels(state: dict[str, torch.Tensor], prefix: str) -> int:
+def conv_levels(state: dict[str, torch.Tensor], prefix: str) -> int:
     return len({m.group(1) for k in state if (m := re.match(rf"{prefix}conv_blocks\.(\d+)\.", k))})
 
 
@@ -203,7 +203,7 @@ class LlamaGenVQImporter(Importer):
             raise ImporterError(f"not a LlamaGen VQ checkpoint: no {names(absent)} (its keys start "
                                 f"{names(sorted(state))}); is KIND right?")
         ch = int(state["encoder.conv_in.weight"].shape[0])
-        levels = _levels(state, "encoder.")
+        levels = conv_levels(state, "encoder.")
         mult = tuple(int(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0]) // ch for i in range(levels))
         blocks = len({m.group(1) for k in state if (m := re.match(r"encoder\.conv_blocks\.0\.res\.(\d+)\.", k))})
         z = int(state["encoder.conv_out.weight"].shape[0])

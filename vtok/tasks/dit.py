@@ -183,7 +183,8 @@ def sample_dit(model: DiT, cond: Condition | torch.Tensor, diffusion: dict[str, 
         return model.generate(cond, steps=steps, guidance=g, solver=solver,
                               shift=float(diffusion.get("flow_shift", 1.0)), generator=generator)
     ddpm = GaussianDiffusion(num_timesteps=int(diffusion.get("num_timesteps", 1000)),
-                             learn_sigma=model.cfg.learn_sigma, channel_dim=model.channel_dim)
+                             learn_sigma=model.cfg.learn_sigma, channel_dim=model.channel_dim,
+                             guided_channels=diffusion.get("guided_channels"))
     was_training = model.training
     model.eval()
     try:

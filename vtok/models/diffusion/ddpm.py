@@ -39,12 +39,14 @@ class GaussianDiffusion:
     variance with ``sigma_small``). ``vb_weight``: lambda of the hybrid loss (DiT: 1, VB in bits).
     ``channel_dim``: where epsilon and the variance values are concatenated (-1 for (B, n, d)
     tokens, 1 for (B, C, H, W) images). ``clip_denoised``: clamp predicted x_0 to [-1, 1] when
-    sampling (DiT samples latents unclipped). Tables are float64; lookups return float32.
+    sampling (DiT samples latents unclipped). ``guided_channels``: guide only the first k epsilon
+    channels (DiT's sample.py guides 3 of its 4 latent channels "for exact reproducibility"; the
+    rest come from the conditional rows); None: all of them. Tables are float64; lookups return float32.
     """
 
     def __init__(self, betas: torch.Tensor | Sequence[float] | None = None, *, num_timesteps: int = 1000,
                  learn_sigma: bool = True, sigma_small: bool = False, vb_weight: float = 1.0,
-                 channel_dim: int = -1, clip_denoised: bool = False,
+                 channel_dim: int = -1, clip_denoised: bool = False, guided_channels: int | None = None,
                  timestep_map: Sequence[int] | None = None, original_betas: torch.Tensor | None = None):
         betas = linear_betas(num_timesteps) if betas is None else torch.as_tensor(betas, dtype=torch.float64)
         if betas.dim() != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
@@ -52,6 +54,7 @@ class GaussianDiffusion:
         self.num_timesteps = len(betas)
         self.learn_sigma, self.sigma_small = learn_sigma, sigma_small
         self.vb_weight, self.channel_dim, self.clip_denoised = float(vb_weight), channel_dim, clip_denoised
+        self.guided_channels = guided_channels
         self.original_betas = betas if original_betas is None else original_betas
         self.timestep_map = list(range(self.num_timesteps)) if timestep_map is None else list(timestep_map)
         if len(self.timestep_map) != self.num_timesteps:
@@ -92,6 +95,7 @@ class GaussianDiffusion:
         return GaussianDiffusion(respaced_betas(base_ab, keep), learn_sigma=self.learn_sigma,
                                  sigma_small=self.sigma_small, vb_weight=self.vb_weight,
                                  channel_dim=self.channel_dim, clip_denoised=self.clip_denoised,
+                                 guided_channels=self.guided_channels,
                                  timestep_map=keep, original_betas=self.original_betas)
 
     def original_t(self, t: torch.Tensor) -> torch.Tensor:
@@ -196,6 +200,7 @@ class GaussianDiffusion:
         t_orig = self.timestep_map[i]
         t_norm = t_orig / (len(self.original_betas) - 1)
         c = x.shape[self.channel_dim] if self.learn_sigma else None
+        c = self.guided_channels or c
         out = guided(net, x, self.original_t(t), cond, null_cond, guidance, t_norm=t_norm, buffer=buffer,
                      guided_channels=c, channel_dim=self.channel_dim).float()
         return self.p_mean_variance(out, x, t), t

@@ -14,7 +14,9 @@ output predicts sub-code j, so sub-code j depends on the trunk state and sub-cod
 and no head layers this is LlamaGen's GPT (RMSNorm, SwiGLU, 2D RoPE on the token grid, zero-initialised
 output layer) with one known difference: the class token's RoPE rows are the identity here, while
 LlamaGen's table (``precompute_freqs_cis_2d``) has zero rows there, which zeroes that token's query
-and key. ``GPTConfig.prefix_rope="zero"`` builds LlamaGen's table (released LlamaGen weights need it).
+and key. ``GPTConfig.prefix_rope="zero"`` builds LlamaGen's table (released LlamaGen weights need it). FQGAN's
+FAR head rotates its k positions by the trunk table's first k rows (``head_rope="trunk"``: the class
+row, then grid positions (0, 0), (0, 1)); vtok's default is 1D RoPE over 0..k-1.
 
 1D tokenizers (FlexTok: ordered ids (1, R) over one 64,000-code FSQ codebook) get 1D RoPE over the R
 positions and train on all R tokens; ``generate(num_tokens=K)`` stops after the first K (the KV
@@ -60,6 +62,10 @@ class GPTConfig:
     # RoPE rows of the condition prefix: "identity" (vtok's default: unrotated), or "zero" (LlamaGen's
     # table, which zeroes the prefix tokens' queries and keys; released LlamaGen weights need it)
     prefix_rope: str = "identity"
+    # RoPE of the FAR head's k positions [h_t, e_0, ...]: "sequence" (vtok's default: 1D RoPE over
+    # 0..k-1), or "trunk" (FQGAN's FAR: the trunk table's first k rows, i.e. the class token's row,
+    # then grid positions (0, 0), (0, 1), ...; released FAR weights need it)
+    head_rope: str = "sequence"
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
@@ -71,6 +77,10 @@ class GPTConfig:
         if self.condition not in CONDITIONS:
             raise ValueError(f"GPTConfig.condition={self.condition!r}: expected one of {', '.join(CONDITIONS)}")
         check_prefix_rows(self.prefix_rope, "GPTConfig.prefix_rope")
+        if self.head_rope not in ("sequence", "trunk"):
+            raise ValueError(f"GPTConfig.head_rope={self.head_rope!r}: expected 'sequence' or 'trunk'")
+        if self.head_rope == "trunk" and len(self.vocab_sizes) > self.prefix_len + math.prod(self.token_shape):
+            raise ValueError("GPTConfig.head_rope='trunk' needs a trunk table of at least k rows")
 
     @property
     def prefix_len(self) -> int:
@@ -118,7 +128,8 @@ class GPT(nn.Module):
         head_dim = d // cfg.heads
         self.register_buffer("rope", token_rope(cfg.token_shape, head_dim, cfg.rope_base, cfg.prefix_len,
                                                 cfg.prefix_rope), persistent=False)
-        self.register_buffer("head_rope", rope_1d(k, head_dim, cfg.rope_base), persistent=False)
+        head_rope = self.rope[:k].clone() if cfg.head_rope == "trunk" else rope_1d(k, head_dim, cfg.rope_base)
+        self.register_buffer("head_rope", head_rope, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -14,6 +14,11 @@ from torch import nn
 from vtok.models.quant.base import QuantizerOutput, code_usage
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or kept in float64 (the quantizer never runs below fp32)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     """Per-sample entropy minus the entropy of the batch-averaged code distribution.
 
@@ -45,8 +50,8 @@ class L2VectorQuantizer(nn.Module):
         nn.init.uniform_(self.codebook.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
 
     def codes(self) -> torch.Tensor:
-        """The unit-norm codebook (K, D), fp32."""
-        return F.normalize(self.codebook.weight.float(), dim=-1)
+        """The unit-norm codebook (K, D), fp32 (fp64 for a float64 model)."""
+        return F.normalize(at_least_fp32(self.codebook.weight), dim=-1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, H, W) -> unit-norm codes (B, D, H, W)."""
@@ -54,7 +59,7 @@ class L2VectorQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         with torch.autocast(z.device.type, enabled=False):
-            return self._quantize(z.float())
+            return self._quantize(at_least_fp32(z))
 
     def _quantize(self, z: torch.Tensor) -> QuantizerOutput:
         b, d, h, w = z.shape
