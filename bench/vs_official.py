@@ -71,7 +71,42 @@ def dit_check(checkout: Path, work: Path) -> dict[str, float]:
     with torch.no_grad():
         a = off(x, t, y)
         b = ours(x, Condition(labels=y), t)
-    return {"dit forward (x_t, t, y), 8 of 8 output channels": float((a - b).abs().max())}
+    result = {"dit forward (x_t, t, y), 8 of 8 output channels": float((a - b).abs().max())}
+    result.update(dit_guided_step(checkout, off, load_export(work / "dit_export")))
+    return result
+
+
+def dit_guided_step(checkout: Path, off: torch.nn.Module, export) -> dict[str, float]:
+    """One guided ancestral step as sample.py takes it: ``create_diffusion("250")``'s ``p_mean_variance``
+    of ``forward_with_cfg`` (cfg 4: guidance on 3 of the 4 latent channels), against vtok's DDPM built
+    from the export's recorded process, respaced to 250 steps: the mean and log-variance of
+    p(x_{t-1} | x_t) at the first, a middle and the last step."""
+    from vtok.models.api import Condition
+    from vtok.models.diffusion import Guidance
+    from vtok.models.diffusion.ddpm import GaussianDiffusion
+
+    sys.path.insert(0, str(checkout))
+    from diffusion import create_diffusion  # facebookresearch/DiT
+    sys.path.pop(0)
+    ours, info = export.model, export.meta["diffusion"]
+    d_off = create_diffusion("250")
+    d_ours = GaussianDiffusion(num_timesteps=info["num_timesteps"], learn_sigma=info["learn_sigma"], channel_dim=1,
+                               guided_channels=info["guided_channels"]).respace("250")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    y = torch.tensor([1, 5, 23])
+    result = {}
+    with torch.no_grad():
+        for i in (249, 125, 0):
+            out = d_off.p_mean_variance(off.forward_with_cfg, torch.cat([x, x]), torch.full((6,), i),
+                                        clip_denoised=False,
+                                        model_kwargs={"y": torch.cat([y, torch.full((3,), 24)]), "cfg_scale": 4.0})
+            mine, _ = d_ours._predict(ours.diffusion_net(learned_sigma=True), x, i, Condition(labels=y),
+                                      Guidance(scale=4.0), ours.null_condition(3), None)
+            diff = max(float((out["mean"][:3] - mine["mean"]).abs().max()),
+                       float((out["log_variance"][:3] - mine["log_variance"]).abs().max()))
+            result[f"dit guided DDPM step {i} of 250 (cfg 4, 3 channels): mean and log-variance"] = diff
+    return result
 
 
 def llamagen_gpt_check(checkout: Path, work: Path) -> dict[str, float]:

@@ -213,6 +213,12 @@ def test_ddpm_guidance_acts_on_epsilon_inside_the_interval():
     assert torch.allclose(p["eps"], eps_u + 4 * (eps_c - eps_u))  # guided epsilon
     # the variance comes from the conditional rows (v = +1: beta_t), not the guided mix
     assert torch.allclose(p["log_variance"], chain._get("log_betas", torch.full((3,), 9), x).expand(3, 2))
+    # guided_channels (DiT's sample.py guides 3 of 4 latent channels): the rest of epsilon is conditional,
+    # and respacing keeps the setting
+    part = GaussianDiffusion(guided_channels=1).respace("10")
+    p, _ = part._predict(net, x, 9, cond, g, null, None)
+    assert torch.allclose(p["eps"][:, :1], (eps_u + 4 * (eps_c - eps_u))[:, :1])
+    assert torch.allclose(p["eps"][:, 1:], eps_c[:, 1:])
 
 
 MU_D, S_D = torch.tensor([0.5, -0.3]), torch.tensor([0.3, 0.8])  # DDPM target N(MU_D, S_D^2)

@@ -92,6 +92,7 @@ def test_import_writes_an_export_holding_the_source_weights(kind, tmp_path):
         assert torch.equal(sd["y_embedder.weight"], official["y_embedder.embedding_table.weight"])
         assert torch.equal(sd["x_embedder.weight"], official["x_embedder.proj.weight"])
         assert exp.meta["diffusion"]["objective"] == "ddpm" and exp.meta["diffusion"]["learn_sigma"]
+        assert exp.meta["diffusion"]["guided_channels"] == 3  # DiT's sample.py guides 3 of the 4 channels
         assert exp.token_spec.shape == (4, 8, 8) and exp.resolution == 64 and exp.meta["latent_scaling"] == 0.18215
     elif kind == "flextok":
         assert exp.meta["latent_shape"] == [4, 8, 8] and exp.token_spec.ordered
