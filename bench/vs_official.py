@@ -1,13 +1,23 @@
 """Equivalence of ``vtok import`` with the official implementations, on random weights (CPU, tiny).
 
-    python bench/vs_official.py --dit DIT_CHECKOUT [--flextok ML_FLEXTOK_CHECKOUT] [--json OUT]
+    python bench/vs_official.py [--dit DIT_CHECKOUT] [--flextok ML_FLEXTOK_CHECKOUT] \
+        [--llamagen LLAMAGEN_CHECKOUT] [--fqgan FQGAN_CHECKOUT [--skip-fqgan-tokenizers]] [--json OUT]
 
 DiT (facebookresearch/DiT checkout, needs timm): builds the official ``models.DiT`` at dit-tiny's
 size, fills EVERY parameter with random values (the official init zeroes adaLN and the output
 layer, which would make any comparison trivially pass), saves it as a train.py-style checkpoint
 ``{"model", "ema", "args"}``, runs ``vtok import dit`` on it (the real command, EMA entry), loads the
 export with ``load_export`` and compares both models' outputs for the same (x_t, t, y): float32,
-eval mode, integer DDPM steps, learned-sigma channels included, the null class included.
+eval mode, integer DDPM steps, learned-sigma channels included, the null class included; then one
+guided ancestral step as DiT's sample.py takes it (``create_diffusion("250")``, ``forward_with_cfg``).
+
+LlamaGen (FoundationVision/LlamaGen checkout): the c2i GPT at gpt-tiny's size (teacher-forced logits;
+greedy generation through both KV caches) and the VQ at vqgan-tiny's size (codes; decoded images).
+FQGAN (showlab/FQGAN checkout, needs einops): the Dual and Triple tokenizers at the released size
+(their adapters hard-code it; float64: codes, decoded images, feature heads; ~1 min, 8 GB) and FAR
+dual / triple at tiny sizes (logits of every sub-code; top-1 generation through ``generate_fq``).
+Each goes through the real ``vtok import`` command on a checkpoint saved as the official training
+script saves it.
 
 FlexTok (apple/ml-flextok checkout; ``mup`` / ``hydra`` stubbed as in tools/official_keys.py): the
 official modules are composed at flextok-tiny's widths but with head dim 64 (the released head dim:
