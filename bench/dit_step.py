@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from roofline import Roofline  # same directory
 import torch.nn.functional as F
 
 from vtok.models.api import Condition
@@ -212,6 +213,9 @@ def main() -> None:
         if name.endswith("unfused"):
             note = "  (per-tensor AdamW as the official code; vtok.train uses the fused kernel)"
         print(f"  {name:20s} {v / 1000:7.3f} s/step   {params[name]:>12,} params{note}")
+    roof = Roofline()
+    for name, v in ms.items():
+        print(roof.line(name, roof.count(steps[name]), v / 1000))
     vtok_name = f"vtok {main_objective}"
     flow, fused = ms["vtok flow"], ms[f"vtok {main_objective} unfused"]
     if official is not None:

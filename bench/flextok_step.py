@@ -32,6 +32,7 @@ import time
 import types
 
 import torch
+from roofline import Roofline  # same directory
 import torch.nn.functional as F
 
 import vtok.models.layers.attention as attention_module
@@ -174,6 +175,8 @@ def train_bench(args) -> None:
         print(f"{title}: median of {args.steps} interleaved steps after {args.warmup}")
         for name, v in ms.items():
             print(f"  {name:14s} {v / 1000:7.3f} s/step   {v / ms['sdpa']:5.2f}x sdpa")
+        roof = Roofline()
+        print("  " + roof.line(f"{title.split(' (')[0]}, sdpa", roof.count(fn), ms["sdpa"] / 1000))
 
 
 def decode_bench(args) -> None:

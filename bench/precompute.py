@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from roofline import Roofline  # same directory
 
 from vtok.data.shards import ShardSource
 from vtok.data.synthetic import write_synthetic
@@ -61,6 +62,14 @@ def bare_loop(job: Job, data: str, batch: int, call) -> int:
             call(items)
             n += len(items)
     return n
+
+
+def flops_per_sample(job: Job, data: str, batch: int, call) -> float:
+    """FLOPs of ``call`` on the first ``batch`` prepared samples, per sample (torch's counter)."""
+    source = ShardSource.open(data)
+    items = [job.prepare(sample) for _, sample in zip(range(batch), source.read(0))]
+    with torch.no_grad():
+        return Roofline.count(lambda: call(items)) / len(items)
 
 
 def measure(job: Job, data: str, batch: int, call, reps: int, tmp: Path, workers: int) -> tuple[float, float]:
@@ -113,6 +122,7 @@ def main() -> None:
               f"{args.resolution} px, {args.samples} samples ({args.per_shard} per shard; T5 wide: "
               f"{args.wide_samples} in 2 shards), median of {args.reps}")
         print(f"{'job':34s} {'batch':>5s} {'runner/s':>10s} {'loop/s':>10s} {'ratio':>6s}")
+        roof, lines = Roofline(), []
         for name, job, data in cases:
             job.load(torch.device("cpu"))
             job.load = lambda device: None  # loaded once: time the work, not the weights' loading
@@ -121,6 +131,9 @@ def main() -> None:
             for batch in (int(b) for b in args.batches.split(",")):
                 runner, loop = measure(job, str(tmp / data), batch, call, args.reps, tmp, args.workers)
                 print(f"{name:34s} {batch:5d} {runner:10.1f} {loop:10.1f} {runner / loop:6.3f}", flush=True)
+                per = flops_per_sample(job, str(tmp / data), batch, call)
+                lines.append(roof.line(f"{name}, batch {batch}, runner", per * batch, batch / runner))
+        print("\n".join(lines))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

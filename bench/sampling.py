@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from roofline import Roofline
 from tokenizer_step import median_ms  # same directory: one timing helper for every bench
 from vtok.models.api import Condition
 from vtok.models.generators import GPT, GPTConfig
@@ -46,7 +47,7 @@ def generation(args, model: GPT, batch: int, use_cache: bool) -> float:
     return batch * model.seq_len / statistics.median(times)
 
 
-def training(args, compiled: bool) -> float:
+def training(args, compiled: bool, roof: Roofline | None = None) -> float:
     model = build(args).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     forward = torch.compile(model) if compiled else model
@@ -54,12 +55,14 @@ def training(args, compiled: bool) -> float:
     labels = torch.randint(0, 1000, (args.train_batch,), device=args.device)
 
     def step():
-        loss, _ = model.loss_from_logits(forward(codes, labels), codes)
+        loss, _ = model.loss_from_logits(forward(codes, Condition(labels=labels)), codes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     ms = median_ms(step, args.steps, args.warmup, args.device)
+    if roof is not None:
+        print(roof.line(f"training step{' (compiled)' if compiled else ''}", roof.count(step), ms / 1000))
     return args.train_batch * model.seq_len / (ms / 1000)
 
 
@@ -83,15 +86,21 @@ def main() -> None:
     n = sum(p.numel() for p in model.parameters())
     print(f"GPT dim {args.dim} depth {args.depth} k {args.k}: {n / 1e6:.1f}M params, {model.seq_len} tokens, "
           f"{args.device}, {torch.get_num_threads()} threads")
+    roof = Roofline(args.device)
     print("generation (tokens/s): batch | recompute prefix | KV cache | ratio")
+    lines = []
     for batch in map(int, args.batches.split(",")):
         base = generation(args, model, batch, use_cache=False)
         cached = generation(args, model, batch, use_cache=True)
         print(f"  {batch:>5} | {base:>16,.0f} | {cached:>8,.0f} | {cached / base:.2f}x")
-    eager = training(args, compiled=False)
+        labels = torch.arange(batch, device=args.device) % 1000
+        flops = roof.count(lambda: model.generate(Condition(labels=labels), guidance=1.0))
+        lines.append(roof.line(f"generation, batch {batch}, KV cache", flops, batch * model.seq_len / cached))
+    print("\n".join(lines))
+    eager = training(args, compiled=False, roof=roof)
     print(f"training (tokens/s): eager {eager:,.0f}", end="", flush=True)
     if not args.skip_compile:
-        compiled = training(args, compiled=True)
+        compiled = training(args, compiled=True, roof=roof)
         print(f" | torch.compile {compiled:,.0f} | ratio {compiled / eager:.2f}x")
     else:
         print()

@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from roofline import Roofline  # same directory
 import torch.nn.functional as F
 
 from vtok.models.quant import L2VectorQuantizer
@@ -63,7 +64,8 @@ def run_variant(args) -> dict:
         model.zero_grad(set_to_none=True)
 
     ms = median_ms(step, args.steps, args.warmup, device)
-    return {"ms": ms, "peak_mb": peak_mb(device)}
+    flops = Roofline.count(step) if args.variant == "eager" else 0.0  # compiled graphs hide their ops
+    return {"ms": ms, "peak_mb": peak_mb(device), "flops": flops}
 
 
 def lookup(args) -> tuple[float, float]:
@@ -100,7 +102,7 @@ def main() -> None:
     torch.set_num_threads(2)
     print(f"{args.arch} at {args.resolution}px, batch {args.batch}: forward + backward, median of "
           f"{args.steps} steps after {args.warmup}")
-    base = None
+    base, flops, lines, roof = None, 0.0, [], Roofline()
     for variant in ("eager", "channels_last", "compile"):
         cmd = [sys.executable, __file__, "--variant", variant, "--arch", args.arch, "--batch", str(args.batch),
                "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -111,6 +113,9 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         base = base or r["ms"]
         print(f"  {variant:14s} {r['ms']:8.1f} ms/step   {base / r['ms']:.2f}x eager speed   peak {r['peak_mb']:.0f} MB")
+        flops = flops or r["flops"]
+        lines.append(roof.line(f"{variant} step", flops, r["ms"] / 1000))
+    print("\n".join(lines))
     ours, naive = lookup(args)
     print(f"codebook lookup, {args.batch * 256} vectors x 16,384 codes: inner-product argmax {ours:.2f} ms, "
           f"cdist + argmin {naive:.2f} ms = {naive / ours:.2f}x faster")

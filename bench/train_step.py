@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from roofline import Roofline  # same directory
 import torch.nn.functional as F
 from torch import nn
 
@@ -141,6 +142,14 @@ def run_trainer(args, strategy: str, zero: int, run_dir: str) -> dict:
             "state_bytes": state_bytes(trainer)}
 
 
+def step_flops(args) -> float:
+    """FLOPs of one forward + backward of the tiny LM at the bench's batch (torch's counter)."""
+    torch.manual_seed(0)
+    model = TinyLM(args.width, args.depth)
+    batch = MemoryBatches(args.batch, 1, seed=0).batch["tokens"]
+    return Roofline.count(lambda: lm_loss(model, batch).backward())
+
+
 def bare_loop(args) -> float:
     """The same model, batch and optimizer in the shortest loop one would write by hand."""
     torch.manual_seed(0)
@@ -206,6 +215,9 @@ def main() -> None:
         print(f"bare hand-written loop, 1 process : {bare:7.1f} ms/step")
         print(f"vtok trainer, 1 process           : {single['step_ms']:7.1f} ms/step   "
               f"overhead {single['step_ms'] / bare:.3f}x (target <= 1.05)   peak RSS {single['rss_mb']:.0f} MB")
+        roof, flops = Roofline(), step_flops(args)
+        print(roof.line("bare loop", flops, bare / 1000))
+        print(roof.line("vtok trainer", flops, single["step_ms"] / 1000))
         rows = {}
         for label, strategy, zero in (("ddp", "ddp", 0), ("fsdp2", "fsdp2", 0),
                                       ("deepspeed zero2", "deepspeed", 2), ("deepspeed zero3", "deepspeed", 3)):

@@ -117,7 +117,7 @@ class GPTTask(TrainTask):
             pick = torch.randint(0, codes.shape[1], (codes.shape[0],), device=codes.device)
             codes = codes[torch.arange(codes.shape[0], device=codes.device), pick]
         logits = self.modules["gpt"](codes, self.conditions.from_batch(batch))
-        return self.unwrapped("gpt").loss_from_logits(logits, codes)
+        return self.unwrapped("gpt").loss_from_logits(logits, codes, accuracy=self.log_step)
 
     @torch.no_grad()
     def evaluate(self, step: int, run_dir: str) -> dict[str, float]:

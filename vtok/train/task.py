@@ -43,6 +43,9 @@ class TrainTask:
     ema_modules: tuple[str, ...] = ()  # default EMA targets when train.ema.modules is empty
     export_module: str = ""  # the module `vtok export` writes (a Tokenizer or Generator); "" = none
     strategy: Any = None  # set by the strategy's setup(); tasks use unwrapped() / gathered()
+    # set by the trainer before each step: whether its metrics will be logged (metrics that cost a
+    # pass over large tensors, e.g. an accuracy argmax over the logits, can be skipped otherwise)
+    log_step: bool = True
 
     def unwrapped(self, name: str) -> nn.Module:
         """Module ``name`` without its parallel wrapper, for attributes and non-forward methods."""

@@ -176,6 +176,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 micro = [batches.next() for _ in range(self.grad_accum)]
                 t_data = time.perf_counter() - t0
+                self.task.log_step = (self.step + 1) % tc.log_every == 0 or self.step + 1 == tc.steps
                 metrics, bad = self.train_step(micro)
                 self.step += 1
                 bad_in_a_row = bad_in_a_row + 1 if bad else 0

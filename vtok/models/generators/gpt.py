@@ -160,7 +160,10 @@ class GPT(nn.Module):
     # -- pieces ------------------------------------------------------------------------------
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, k, N) sub-codes -> (B, N, D) input embeddings."""
-        embs = [emb(codes[:, j]) for j, emb in enumerate(self.tok_embed)]
+        return self.merge_embeddings([emb(codes[:, j]) for j, emb in enumerate(self.tok_embed)])
+
+    def merge_embeddings(self, embs: list[torch.Tensor]) -> torch.Tensor:
+        """k sub-code embeddings, each (B, N, D) -> the (B, N, D) input (concatenated + merged for k > 1)."""
         return embs[0] if self.merge is None else self.merge(torch.cat(embs, dim=-1))
 
     def embed_labels(self, labels: torch.Tensor, drop: bool = False) -> torch.Tensor:
@@ -227,14 +230,15 @@ class GPT(nn.Module):
         return x
 
     def head_logits(self, h: torch.Tensor, codes: torch.Tensor, n: int | None = None,
-                    last_only: bool = False) -> list[torch.Tensor]:
+                    last_only: bool = False, embs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Logits of the first ``n`` (default k) sub-codes: h (B, N, D), codes (B, k, N) (only
-        sub-codes < n-1 are read) -> n tensors (B, N, V_j), float32; ``last_only``: just sub-code n-1's."""
+        sub-codes < n-1 are read) -> n tensors (B, N, V_j), float32; ``last_only``: just sub-code n-1's.
+        ``embs``: the sub-codes' embeddings (B, N, D) when already computed (training reuses the input's)."""
         n = self.num_codebooks if n is None else n
         if not len(self.head):
             return [self.out[0](self.norm(h)).float()]
         b, length, d = h.shape
-        seq = [h] + [self.tok_embed[j](codes[:, j]) for j in range(n - 1)]
+        seq = [h] + [embs[j] if embs is not None else self.tok_embed[j](codes[:, j]) for j in range(n - 1)]
         x = torch.stack(seq, dim=2).reshape(b * length, n, d)  # one short sequence per position
         for layer in self.head:
             x = layer(x, rope=self.head_rope[:n], causal=True)
@@ -247,27 +251,30 @@ class GPT(nn.Module):
         + text_mask (B, L) -> k tensors (B, L_tokens, V_j)."""
         codes = self._flat(codes)
         prefix, prefix_mask = self.embed_condition(cond, drop=self.training)
-        x = torch.cat([prefix, self.embed_codes(codes[:, :, :-1])], 1)
+        embs = [emb(codes[:, j]) for j, emb in enumerate(self.tok_embed)]  # (B, L, D) each: input and FAR head
+        x = torch.cat([prefix, self.merge_embeddings([e[:, :-1] for e in embs])], 1)
         valid = None if prefix_mask is None else _with_tokens(prefix_mask, codes.shape[-1] - 1)
         h = self.trunk(self.token_drop(x), valid=valid)[:, self.cfg.prefix_len - 1:]
-        return self.head_logits(h, codes)
+        return self.head_logits(h, codes, embs=embs)
 
     def _labels(self, cond: Condition) -> torch.Tensor:
         if cond.labels is None:
             raise ValueError("GPT is class-conditional: the Condition needs labels (B,)")
         return cond.labels.long()
 
-    def loss_from_logits(self, logits: list[torch.Tensor], codes: torch.Tensor
+    def loss_from_logits(self, logits: list[torch.Tensor], codes: torch.Tensor, accuracy: bool = True
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean of the k sub-code cross-entropies (FAR) and per-codebook loss / accuracy, from
-        ``forward``'s logits (callers run forward through their parallel wrapper)."""
+        ``forward``'s logits (callers run forward through their parallel wrapper). ``accuracy``
+        False skips the accuracy (an argmax pass over the logits; the trainer wants it on log steps only)."""
         flat = self._flat(codes)
         losses, metrics = [], {}
         for j, lg in enumerate(logits):
             ce = F.cross_entropy(lg.flatten(0, 1), flat[:, j].flatten().long())
             losses.append(ce)
             metrics[f"ce{j}"] = ce.detach()
-            metrics[f"acc{j}"] = (lg.argmax(-1) == flat[:, j]).float().mean().detach()
+            if accuracy:
+                metrics[f"acc{j}"] = (lg.argmax(-1) == flat[:, j]).float().mean().detach()
         return torch.stack(losses).mean(), metrics
 
     def _flat(self, codes: torch.Tensor) -> torch.Tensor:

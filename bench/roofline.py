@@ -1,0 +1,70 @@
+"""The roofline line every bench prints: achieved FLOP/s of a timed step against the device's ceiling.
+
+    from roofline import Roofline
+    roof = Roofline(device)                       # CPU: measures its fp32 1024^3 matmul rate once
+    flops = roof.count(step)                      # torch's FLOP counter over one call of ``step``
+    print(roof.line("GPT step", flops, seconds))  # "roofline GPT step: 12.3 GFLOP in 1.02 s = ..."
+
+The ceiling is the rate a device actually reaches on a large dense matmul: on CPU it is measured in
+the same run (median of 5 fp32 1024^3 matmuls after a warm-up: the ~300-360 GFLOP/s of this VM's
+2 cores), on a GPU the dense bf16 peak of its name (``vtok.train.trainer.PEAK_BF16_TFLOPS``; pass
+``peak_tflops`` for others). FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
+convolutions and attention; elementwise work is not counted, so a memory-bound step reads low).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def matmul_rate(device: torch.device, size: int = 1024, repeats: int = 5) -> float:
+    """Measured fp32 FLOP/s of a (size x size) @ (size x size) matmul on ``device`` (median)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 2 * size ** 3 / statistics.median(times)
+
+
+class Roofline:
+    """A device's ceiling (measured on CPU, the bf16 peak on GPUs) and lines against it."""
+
+    def __init__(self, device: torch.device | str = "cpu", peak_tflops: float = 0.0):
+        self.device = torch.device(device)
+        if peak_tflops:
+            self.peak, self.label = peak_tflops * 1e12, f"given {peak_tflops:g} TFLOP/s peak"
+        elif self.device.type == "cuda":
+            from vtok.train.trainer import device_peak_tflops
+
+            tflops = device_peak_tflops(self.device, 0.0)
+            self.peak = tflops * 1e12 if tflops else matmul_rate(self.device, 4096)
+            self.label = (f"{torch.cuda.get_device_name(self.device)} bf16 peak" if tflops
+                          else "measured fp32 4096^3 matmul rate")
+        else:
+            self.peak = matmul_rate(self.device)
+            self.label = f"measured fp32 1024^3 matmul rate ({self.peak / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads)"
+
+    @staticmethod
+    def count(fn: Callable[[], object]) -> float:
+        """FLOPs of one call of ``fn`` (forward and, if it runs one, backward) by torch's counter."""
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return float(counter.get_total_flops())
+
+    def line(self, name: str, flops: float, seconds: float) -> str:
+        """'roofline NAME: F GFLOP in T = R GFLOP/s, P% of the ceiling'."""
+        rate = flops / seconds if seconds > 0 else 0.0
+        return (f"roofline {name}: {flops / 1e9:.2f} GFLOP in {seconds * 1e3:.1f} ms = {rate / 1e9:.1f} GFLOP/s, "
+                f"{100 * rate / self.peak:.0f}% of the {self.label}")
