@@ -11,7 +11,7 @@ from conftest import data_recipe
 from vtok.cli import main
 from vtok.data.loader import build_loader
 from vtok.data.shards import ShardSource
-from vtok.data.transforms import decode_image
+from vtok.data.transforms import decode_image, normalize_batch
 from vtok.data.writers import write_shard
 from vtok.models.api import TokenSpec
 from vtok.precompute.captions import clean_caption
@@ -126,7 +126,7 @@ def test_latents_equal_the_vae_encoding_of_the_loaders_images(shards, models, tm
 
     loader = build_loader(data_recipe("mds", shards["mds"], "data.fields=[image]", "data.resolution=16").data,
                           train=False)
-    batch = next(iter(loader))  # the loader's center crops at 16 px
+    batch = normalize_batch(next(iter(loader)))  # the loader's center crops at 16 px, in [-1, 1]
     vae = AutoencoderKL.from_pretrained(models["vae"]).eval()
     with torch.no_grad():
         post = vae.encode(torch.cat([batch["image"], batch["image"].flip(-1)])).latent_dist

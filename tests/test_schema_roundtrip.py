@@ -8,6 +8,7 @@ from vtok.data import build_loader
 from vtok.data.mds import mds_shard_entries, read_mds_shard
 from vtok.data.schema import SchemaError, from_mds, from_wds
 from vtok.data.synthetic import encode_image, render_sample
+from vtok.data.transforms import images_to_float, normalize_batch
 from vtok.data.webdataset import read_tar
 from vtok.data.writers import write_shards
 
@@ -57,8 +58,11 @@ def test_loader_batches_every_field(tmp_path, fmt):
     recipe = data_recipe(fmt, str(tmp_path), "data.shuffle=false", "data.batch_size=8",
                          "data.fields=[image,cls,caption,text_emb,text_mask,codes]")
     (batch,) = list(build_loader(recipe.data))
-    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.float32
-    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    # uint8 across the workers (a quarter of float32's bytes), channels-last; float in [-1, 1] on use
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    image = normalize_batch(batch)["image"]
+    assert image.dtype == torch.float32 and -1.0 <= image.min() and image.max() <= 1.0
+    assert torch.equal(image, batch["image"].float() / 127.5 - 1.0) and images_to_float(image) is image
     order = [int(k[1:]) for k in batch["__key__"]]
     assert sorted(order) == list(range(8))
     assert batch["cls"].tolist() == [samples[i]["cls"] for i in order]

@@ -85,11 +85,11 @@ def test_export_round_trip_and_codes_carry_the_captions(text_shards, tmp_path):
     # the stored codes are the export's tokens of the image *with its caption*; other captions differ
     src = {s["__key__"]: s for s in samples_of(text_shards)}
     model = export.model
-    from vtok.data.transforms import COLLATE
+    from vtok.data.transforms import COLLATE, images_to_float
     from vtok.precompute.images import center_crop, prepare_image
 
     keys = [s["__key__"] for s in out[:4]]
-    images = COLLATE["image"]([prepare_image(src[k], center_crop(32)) for k in keys]).float()
+    images = images_to_float(COLLATE["image"]([prepare_image(src[k], center_crop(32)) for k in keys]))
     text = torch.stack([torch.as_tensor(src[k]["text_emb"]) for k in keys]).float()
     mask = torch.stack([torch.as_tensor(src[k]["text_mask"]) for k in keys]).bool()
     tokens = model.encode(images, Condition(text=text, text_mask=mask))
@@ -167,11 +167,11 @@ def test_gan_phase_with_r1_trains_at_two_ranks(text_shards, tmp_path, strategy):
 
 def held_out_mse(model, data: str, resolution: int) -> float:
     """Mean recon MSE of ``model`` over every sample of ``data`` (center crops, with their captions)."""
-    from vtok.data.transforms import COLLATE
+    from vtok.data.transforms import COLLATE, images_to_float
     from vtok.precompute.images import center_crop, prepare_image
 
     samples = samples_of(data)
-    images = COLLATE["image"]([prepare_image(s, center_crop(resolution)) for s in samples]).float()
+    images = images_to_float(COLLATE["image"]([prepare_image(s, center_crop(resolution)) for s in samples]))
     cond = Condition(text=torch.stack([torch.as_tensor(s["text_emb"]) for s in samples]).float(),
                      text_mask=torch.stack([torch.as_tensor(s["text_mask"]) for s in samples]).bool())
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """The one data API: ``build_loader(cfg, ...)`` -> a resumable iterator of batches for this rank.
 
     loader = build_loader(recipe.data, rank=0, world_size=1, seed=recipe.seed)
-    for batch in loader:            # one epoch; batch["image"]: (B, 3, H, W) in [-1, 1]
+    for batch in loader:            # one epoch; batch["image"]: (B, 3, H, W) uint8
+        batch = normalize_batch(batch)  # image -> float in [-1, 1] (the trainer: on the device)
         ...
     state = loader.state_dict()     # save with the checkpoint; load_state_dict() resumes
 

@@ -20,6 +20,7 @@ import torch
 
 from vtok.config import load_recipe
 from vtok.data import build_loader
+from vtok.data.transforms import normalize_batch
 from vtok.data.webdataset import expand_shards
 from vtok.data.writers import atomic_write_bytes
 from vtok.eval import EvalError
@@ -150,7 +151,7 @@ def eval_batches(data: str, fields: tuple[str, ...] = ("image",), *, data_format
     count = 0
     for batch in build_loader(recipe.data, train=False):
         take = max_images - count if max_images else len(batch["image"])
-        out = {name: batch[name][:take] for name in fields}
+        out = normalize_batch({name: batch[name][:take] for name in fields})
         count += len(out["image"])
         yield out
         if max_images and count >= max_images:

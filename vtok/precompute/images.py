@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from vtok.data.transforms import COLLATE, ImageTransform
+from vtok.data.transforms import COLLATE, ImageTransform, images_to_float
 
 
 def center_crop(resolution: int) -> ImageTransform:
@@ -23,4 +23,5 @@ def prepare_image(sample: dict[str, Any], transform: ImageTransform) -> torch.Te
 def image_batch(images: list[torch.Tensor], device: torch.device,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (H, W, 3) each -> (B, 3, H, W) in [-1, 1] on ``device``: the loader's collate."""
-    return COLLATE["image"](images).contiguous().to(device=device, dtype=dtype, non_blocking=True)
+    batch = COLLATE["image"](images).contiguous().to(device=device, non_blocking=True)
+    return images_to_float(batch).to(dtype)

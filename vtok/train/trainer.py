@@ -24,6 +24,7 @@ import torch
 
 from vtok.config import Recipe, RecipeError, recipe_to_yaml
 from vtok.config.schema import OptimConfig
+from vtok.data.transforms import normalize_batch
 from vtok.parallel.dist import all_mean, any_rank_flags, barrier, init_distributed
 from vtok.parallel.strategy import build_strategy, extra_state
 from vtok.train.checkpoint import CheckpointManager, resolve_resume
@@ -78,9 +79,9 @@ class Batches:
             if self._it is None:
                 self._it = iter(self.loader)
             batch = next(self._it, None)
-            if batch is not None:
-                return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                        for k, v in batch.items()}
+            if batch is not None:  # uint8 images cross to the device, then become float in [-1, 1]
+                return normalize_batch({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                                        for k, v in batch.items()})
             self._it = None
         raise RuntimeError("the data loader yielded no batch in a whole epoch")
 
