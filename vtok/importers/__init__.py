@@ -124,6 +124,26 @@ def rename(key: str, rules: list[tuple[str, Any]]) -> str:
     return key
 
 
+def count_indexed(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many distinct N the keys ``<prefix>N.<...>`` have (e.g. ``count_indexed(sd, "blocks.")``: depth)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+
+def require_keys(state: dict[str, torch.Tensor], need: list[str], what: str, hint: str = "is KIND right?") -> None:
+    """One-line ``ImporterError`` unless ``state`` has every key of ``need`` (``what``: e.g. "a DiT")."""
+    absent = [k for k in need if k not in state]
+    if absent:
+        raise ImporterError(f"not {what} checkpoint: no {names(absent)} (its keys start {names(sorted(state))}); "
+                            f"{hint}")
+
+
+def drop_usage_buffers(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """``split`` of the LlamaGen-family VQ tokenizers: ``*codebook_used`` are usage statistics, not weights."""
+    stats = [k for k in state if k.endswith("codebook_used")]
+    return {k: v for k, v in state.items() if k not in stats}, ({"codebook usage": len(stats)} if stats else {})
+
+
 # -- reading ---------------------------------------------------------------------------------------
 WRAPPERS = ("ema", "model", "state_dict", "module", "model_ema")  # top-level entries tried, EMA first
 
@@ -255,6 +275,6 @@ def _described(overrides: dict[str, Any]) -> str:
     return f" (with {', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""
 
 
-__all__ = ["Checkpoint", "IMPORTERS", "ImportOptions", "ImportResult", "Importer", "ImporterError",
-           "expected_official", "get_importer", "import_checkpoint", "official_mismatch", "read_checkpoint",
-           "register_importer", "rename"]
+__all__ = ["Checkpoint", "IMPORTERS", "ImportOptions", "ImportResult", "Importer", "ImporterError", "count_indexed",
+           "drop_usage_buffers", "expected_official", "get_importer", "import_checkpoint", "official_mismatch",
+           "read_checkpoint", "register_importer", "rename", "require_keys"]

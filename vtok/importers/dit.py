@@ -24,14 +24,14 @@ latents scaled by 0.18215 (sample.py).
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vtok.importers import Checkpoint, Importer, ImporterError, ImportOptions, names, register_importer, rename
+from vtok.importers import (Checkpoint, Importer, ImporterError, ImportOptions, count_indexed, register_importer,
+                            rename, require_keys)
 from vtok.models.api import TokenSpec
 
 SD_VAE_SCALE = 0.18215  # DiT sample.py / train.py: latents = vae.encode(x).sample() * 0.18215
@@ -70,16 +70,13 @@ class DiTImporter(Importer):
         from vtok.models.registry import MODELS
 
         need = ["x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight"]
-        absent = [k for k in need if k not in state]
-        if absent:
-            raise ImporterError(f"not a DiT checkpoint: no {names(absent)} (its keys start "
-                                f"{names(sorted(state))}); is KIND right?")
+        require_keys(state, need, "a DiT")
         w = state["x_embedder.proj.weight"]
         if w.dim() != 4 or w.shape[2] != w.shape[3]:
             raise ImporterError(f"x_embedder.proj.weight has shape {tuple(w.shape)}; a DiT patch "
                                 "embedding is (D, C, p, p)")
         width, channels, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
-        depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+        depth = count_indexed(state, "blocks.")
         tokens = int(state["pos_embed"].shape[-2])
         grid = int(round(tokens ** 0.5))
         if grid * grid != tokens:

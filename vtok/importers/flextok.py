@@ -59,14 +59,13 @@ from the code repository.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vtok.importers import Checkpoint, Importer, ImporterError, ImportOptions, names, register_importer
+from vtok.importers import Checkpoint, Importer, ImporterError, ImportOptions, count_indexed, register_importer, require_keys
 from vtok.models.api import TokenSpec
 
 ENC, DEC = "encoder.module_dict.", "decoder.module_dict."
@@ -113,8 +112,7 @@ def _cols(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def _depth(state: dict[str, torch.Tensor], prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"\.blocks\.(\d+)\.")
-    return len({m.group(1) for k in state if (m := pattern.match(k))})
+    return count_indexed(state, prefix + ".blocks.")
 
 
 class _Mapper:
@@ -243,10 +241,7 @@ class FlexTokImporter(Importer):
 
         need = [M["enc_patch"] + ".patch_proj.weight", M["dec_patch"] + ".patch_proj.weight",
                 M["enc_reg"] + ".registers", M["enc_head"] + ".proj.weight", M["dec_pos"] + ".posembs"]
-        absent = [k for k in need if k not in state]
-        if absent:
-            raise ImporterError(f"not a FlexTok checkpoint: no {names(absent)} (its keys start "
-                                f"{names(sorted(state))}); is KIND right?")
+        require_keys(state, need, "a FlexTok")
         enc_w, in_dim = (int(s) for s in state[need[0]].shape)
         dec_w = int(state[need[1]].shape[0])
         registers, code_dim = int(state[need[2]].shape[0]), int(state[need[3]].shape[0])

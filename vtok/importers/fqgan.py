@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtok.importers import Checkpoint, Importer, ImporterError, ImportOptions, names, register_importer, rename
-from vtok.importers.llamagen import INVERSE, RENAMES, VQ_INVERSE, VQ_RENAMES, LlamaGenGPTImporter, conv_levels
+from vtok.importers import (Checkpoint, Importer, ImporterError, ImportOptions, count_indexed, drop_usage_buffers,
+                            names, register_importer, rename)
+from vtok.importers.llamagen import INVERSE, RENAMES, VQ_INVERSE, VQ_RENAMES, LlamaGenGPTImporter
 from vtok.models.api import TokenSpec
 
 # k -> (factor suffixes, adapter module names, {codebook index: feature-prediction head name})
@@ -90,8 +91,7 @@ class FQGANImporter(Importer):
     title = "FQGAN (showlab/FQGAN)"
 
     def split(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        stats = [k for k in state if k.endswith("codebook_used")]
-        return {k: v for k, v in state.items() if k not in stats}, ({"codebook usage": len(stats)} if stats else {})
+        return drop_usage_buffers(state)
 
     def recognise(self, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
         from vtok.models.registry import MODELS
@@ -103,7 +103,7 @@ class FQGANImporter(Importer):
                                 f"{names(sorted(state))}); a single-codebook VQ is `vtok import llamagen-vq`")
         suffixes, _, heads = LAYOUTS[k]
         ch = int(state["encoder.conv_in.weight"].shape[0])
-        levels = conv_levels(state, "encoder.")
+        levels = count_indexed(state, "encoder.conv_blocks.")
         mult = tuple(int(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0]) // ch for i in range(levels))
         z = int(state["encoder.conv_out_vis.weight"].shape[0])
         size, dim = (int(s) for s in state["quantize_vis.embedding.weight"].shape)
@@ -164,12 +164,10 @@ class FARImporter(LlamaGenGPTImporter):
              "(prefix_rope='zero', head_rope='trunk'); the token grid comes from --image-size / the file name")
 
     def recognise(self, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
-        import re
-
         from vtok.models.generators.gpt import GPT
         from vtok.models.registry import MODELS
 
-        k = len([key for key in state if re.fullmatch(r"tok_embeddings_\d+\.weight", key)])
+        k = count_indexed(state, "tok_embeddings_")
         need = ["tok_embeddings_1.weight", "aggregation_layer.weight", "ar_head.0.attention.wqkv.weight",
                 "cls_embedding.embedding_table.weight"]
         absent = [key for key in need if key not in state]
@@ -177,8 +175,7 @@ class FARImporter(LlamaGenGPTImporter):
             raise ImporterError(f"not a FAR checkpoint: no {names(absent or ['tok_embeddings_2.weight'])} (its keys "
                                 f"start {names(sorted(state))}); a one-codebook GPT is `vtok import llamagen-gpt`")
         vocab, dim = (int(x) for x in state["tok_embeddings_1.weight"].shape)
-        depth = len({m.group(1) for key in state if (m := re.match(r"layers\.(\d+)\.", key))})
-        head = len({m.group(1) for key in state if (m := re.match(r"ar_head\.(\d+)\.", key))})
+        depth, head = count_indexed(state, "layers."), count_indexed(state, "ar_head.")
         if int(state["layers.0.attention.wqkv.weight"].shape[0]) != 3 * dim:
             raise ImporterError("grouped-query attention (n_kv_head < n_head), which vtok's GPT does not have")
         found = (depth, dim, head, k)

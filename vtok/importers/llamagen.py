@@ -50,7 +50,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtok.importers import Checkpoint, Importer, ImporterError, ImportOptions, names, register_importer, rename
+from vtok.importers import (Checkpoint, Importer, ImporterError, ImportOptions, count_indexed, drop_usage_buffers,
+                            register_importer, rename, require_keys)
 from vtok.models.api import TokenSpec
 
 DOWNSAMPLE = 16  # the released c2i GPTs model VQ-16 tokens
@@ -119,12 +120,9 @@ class LlamaGenGPTImporter(Importer):
                                 "conditional (c2i) GPTs are importable")
         need = ["tok_embeddings.weight", "cls_embedding.embedding_table.weight", "output.weight",
                 "layers.0.attention.wqkv.weight"]
-        absent = [k for k in need if k not in state]
-        if absent:
-            raise ImporterError(f"not a LlamaGen GPT checkpoint: no {names(absent)} (its keys start "
-                                f"{names(sorted(state))}); is KIND right?")
+        require_keys(state, need, "a LlamaGen GPT")
         vocab, dim = (int(s) for s in state["tok_embeddings.weight"].shape)
-        depth = len({m.group(1) for k in state if (m := re.match(r"layers\.(\d+)\.", k))})
+        depth = count_indexed(state, "layers.")
         qkv = int(state["layers.0.attention.wqkv.weight"].shape[0])
         if qkv != 3 * dim:
             raise ImporterError(f"layers.0.attention.wqkv.weight has {qkv} rows for width {dim}: grouped-query "
@@ -175,18 +173,13 @@ class LlamaGenGPTImporter(Importer):
                                   f"({g * DOWNSAMPLE} px)", "import_notes": self.notes}
 
 
-def conv_levels(state: dict[str, torch.Tensor], prefix: str) -> int:
-    return len({m.group(1) for k in state if (m := re.match(rf"{prefix}conv_blocks\.(\d+)\.", k))})
-
-
 @register_importer("llamagen-vq")
 class LlamaGenVQImporter(Importer):
     title = "LlamaGen VQ (FoundationVision/LlamaGen)"
 
     def split(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Leaves out ``quantize.codebook_used`` (usage statistics, not a weight)."""
-        stats = [k for k in state if k.endswith("codebook_used")]
-        return {k: v for k, v in state.items() if k not in stats}, ({"codebook usage": len(stats)} if stats else {})
+        return drop_usage_buffers(state)
 
     def recognise(self, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
         from vtok.models.quant import L2VectorQuantizer
@@ -198,14 +191,11 @@ class LlamaGenVQImporter(Importer):
                                 "LlamaGen VQ")
         need = ["encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight",
                 "encoder.conv_blocks.0.res.0.conv1.weight"]
-        absent = [k for k in need if k not in state]
-        if absent:
-            raise ImporterError(f"not a LlamaGen VQ checkpoint: no {names(absent)} (its keys start "
-                                f"{names(sorted(state))}); is KIND right?")
+        require_keys(state, need, "a LlamaGen VQ")
         ch = int(state["encoder.conv_in.weight"].shape[0])
-        levels = conv_levels(state, "encoder.")
+        levels = count_indexed(state, "encoder.conv_blocks.")
         mult = tuple(int(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0]) // ch for i in range(levels))
-        blocks = len({m.group(1) for k in state if (m := re.match(r"encoder\.conv_blocks\.0\.res\.(\d+)\.", k))})
+        blocks = count_indexed(state, "encoder.conv_blocks.0.res.")
         z = int(state["encoder.conv_out.weight"].shape[0])
         size, dim = (int(s) for s in state["quantize.embedding.weight"].shape)
         found = dict(ch=ch, ch_mult=mult, num_res_blocks=blocks, z_channels=z)
