@@ -130,6 +130,24 @@ def test_sampling_filters():
         guidance_at(4.0, "cosine", 0, 10)
 
 
+def test_sampler_draws_the_softmax_law_and_never_a_filtered_token():
+    """The inverse-CDF draw (and the top-k-only fast path) follow softmax(logits / T) restricted to
+    the kept tokens: 40,000 rows at once, frequencies within 0.01 of the law."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, float("-inf")]]).expand(40_000, -1)
+    g = torch.Generator().manual_seed(0)
+    for kw, law in (({}, logits[0].softmax(-1)),
+                    ({"top_k": 2}, torch.tensor([2.0, 1.0]).softmax(-1)),
+                    ({"top_p": 0.8}, torch.tensor([2.0, 1.0, 0.5]).softmax(-1)),
+                    ({"temperature": 2.0}, (logits[0] / 2).softmax(-1))):
+        draws = sample_logits(logits, generator=g, **kw)
+        freq = torch.bincount(draws, minlength=5).float() / len(draws)
+        want = torch.zeros(5)
+        want[:len(law)] = law
+        assert (freq - want).abs().max() < 0.01, (kw, freq, want)
+        assert int(freq[4]) == 0  # -inf is never drawn
+    assert sample_logits(logits[:3], temperature=0).tolist() == [0, 0, 0]
+
+
 def test_rope_2d_rotates_rows_and_columns_separately():
     table = rope_2d(2, 3, head_dim=8, prefix=1)
     assert table.shape == (7, 4, 2)
