@@ -1,6 +1,8 @@
 """Tiny tasks the trainer tests run: an image autoencoder (one optimizer) and a GAN (two)."""
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,9 @@ class TinyAETask(TrainTask):
         width: int = 16
         depth: int = 2
         nan_at_steps: list[int] | None = None  # make the loss NaN at these steps (fault tests)
+        hang_rank: int = -1  # this rank sleeps hang_seconds in the loss of step hang_at_step (fault tests)
+        hang_at_step: int = -1
+        hang_seconds: float = 40.0
 
     def __init__(self, cfg, recipe):
         self.cfg = cfg
@@ -64,6 +69,8 @@ class TinyAETask(TrainTask):
         self.optimizers = {"main": ["ae"]}
 
     def loss(self, phase, batch, step):
+        if step == self.cfg.hang_at_step and int(os.environ.get("RANK", 0)) == self.cfg.hang_rank:
+            time.sleep(self.cfg.hang_seconds)  # a hung rank: the others wait in the next collective
         x = batch["image"]
         loss = F.mse_loss(self.modules["ae"](x), x)
         if self.cfg.nan_at_steps and step in self.cfg.nan_at_steps:

@@ -98,6 +98,9 @@ class ParallelConfig:
     fsdp_param_dtype: str = choice("fp32", "bf16", doc="FSDP2 MixedPrecisionPolicy param dtype")
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     backend: str = choice("auto", "gloo", "nccl")
+    # how long a collective waits for the other ranks; then the run stops, naming the ranks that did not
+    # arrive (a hung or dead rank), and can be resumed from its last checkpoint
+    timeout_minutes: float = 30.0
 
 
 @dataclass

@@ -36,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: int = 30,
+def init_distributed(backend: str = "auto", timeout_minutes: float = 30,
                      require_group: bool = False) -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...); a plain
     ``python`` run is a world of one. ``backend="auto"`` picks nccl with CUDA, gloo otherwise.
@@ -60,6 +60,48 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30,
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, local_world, device)
+
+
+class Progress:
+    """Where each rank is, kept in the process group's key-value store (a connection of its own, which
+    outlives a collective that timed out): ``mark(where)`` before work that ends in collectives, and
+    after a collective fails, ``laggards()`` names the ranks that never got as far as this one. The
+    ranks mark in lockstep, so a mark count behind the most advanced rank's means "stuck before here".
+    A world of one keeps nothing."""
+
+    def __init__(self, info: DistInfo):
+        self.rank, self.world, self.count = info.rank, info.world_size, 0
+        self.store = None
+        if info.world_size > 1 and dist.is_initialized():
+            try:
+                self.store = dist.distributed_c10d._get_default_store()
+            except (RuntimeError, AttributeError):  # no store to share: nothing to diagnose with
+                self.store = None
+
+    def mark(self, where: str) -> None:
+        """This rank reached ``where`` (e.g. "the forward of step 3")."""
+        if self.store is not None:
+            self.count += 1
+            self.store.set(f"vtok/progress/{self.rank}", f"{self.count}|{where}")
+
+    def laggards(self) -> list[tuple[int, str]]:
+        """(rank, the last place it reported) of every rank behind this one ([] when none is, or the
+        store cannot be read)."""
+        if self.store is None:
+            return []
+        behind = []
+        try:
+            for r in range(self.world):
+                key = f"vtok/progress/{r}"
+                if not self.store.check([key]):
+                    behind.append((r, "before its first step"))
+                    continue
+                count, where = self.store.get(key).decode().split("|", 1)
+                if int(count) < self.count:
+                    behind.append((r, where))
+        except (RuntimeError, ValueError):
+            return []
+        return behind
 
 
 def shutdown_distributed() -> None:

@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import resource
 import subprocess
 import time
@@ -25,7 +26,7 @@ import torch
 from vtok.config import Recipe, RecipeError, recipe_to_yaml
 from vtok.config.schema import OptimConfig
 from vtok.data.transforms import normalize_batch
-from vtok.parallel.dist import all_mean, any_rank_flags, barrier, init_distributed
+from vtok.parallel.dist import Progress, all_mean, any_rank_flags, barrier, init_distributed
 from vtok.parallel.strategy import build_strategy, extra_state
 from vtok.train.checkpoint import CheckpointManager, resolve_resume
 from vtok.train.ema import EMA
@@ -91,8 +92,9 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, task: TrainTask | None = None, loader: Iterable | None = None):
         self.recipe, tc = recipe, recipe.train
-        self.info = init_distributed(recipe.parallel.backend,
+        self.info = init_distributed(recipe.parallel.backend, timeout_minutes=recipe.parallel.timeout_minutes,
                                      require_group=recipe.parallel.strategy in ("fsdp2", "deepspeed"))
+        self.progress = Progress(self.info)  # where each rank is, to name a hung one after a timeout
         torch.manual_seed(recipe.seed)  # identical initial weights on every rank
         self.task = task or build_task(recipe)
         world, micro = self.info.world_size, recipe.data.batch_size
@@ -178,7 +180,10 @@ class Trainer:
                 micro = [batches.next() for _ in range(self.grad_accum)]
                 t_data = time.perf_counter() - t0
                 self.task.log_step = (self.step + 1) % tc.log_every == 0 or self.step + 1 == tc.steps
-                metrics, bad = self.train_step(micro)
+                try:
+                    metrics, bad = self.train_step(micro)
+                except RuntimeError as e:
+                    raise self._collective_failure(e) from e
                 self.step += 1
                 bad_in_a_row = bad_in_a_row + 1 if bad else 0
                 if bad_in_a_row >= tc.max_bad_steps:
@@ -241,6 +246,7 @@ class Trainer:
             for i, batch in enumerate(micro):
                 last = i == len(micro) - 1
                 if not bad:
+                    self.progress.mark(f"the forward of step {self.step + 1} ({phase}, micro-batch {i + 1})")
                     with self.strategy.micro_batch(phase, last):
                         loss, extra = self.task.loss(phase, batch, self.step)
                     flag = ~torch.isfinite(loss.detach()).all()
@@ -251,6 +257,7 @@ class Trainer:
                 if bad:
                     self.strategy.skip_micro_batch(phase, last, self.grad_accum)
                     continue
+                self.progress.mark(f"the backward of step {self.step + 1} ({phase}, micro-batch {i + 1})")
                 self.strategy.backward(loss, phase, last, self.grad_accum)
                 for k, v in {"loss": loss, **extra}.items():
                     value = v.detach().float() if torch.is_tensor(v) else float(v)
@@ -262,6 +269,26 @@ class Trainer:
             metrics.update({f"{phase}/{k}": v for k, v in sums.items()})
             metrics.update({f"{phase}/lr": lr, f"{phase}/grad_norm": norm, f"{phase}/skipped": float(bad)})
         return metrics, any_bad
+
+    def _collective_failure(self, error: RuntimeError) -> Exception:
+        """A failed collective as a one-line TrainingError naming the ranks that never reached it
+        (read from ``Progress``); any other error, or a world of one, is returned unchanged."""
+        text = str(error)
+        if self.info.world_size == 1 or not re.search(r"[Tt]imed out|[Tt]imeout|Connection (closed|reset)", text):
+            return error
+        minutes = self.recipe.parallel.timeout_minutes
+        where = f"step {self.step + 1}: a collective did not complete"
+        behind = self.progress.laggards()
+        if behind:
+            named = "; ".join(f"rank {r} stopped in {place}" for r, place in behind)
+            cause = f"within parallel.timeout_minutes={minutes:g} ({minutes * 60:.0f} s): {named}"
+            fix = "look at those ranks' logs and nodes (a hang, a dead process, a stuck data read)"
+        else:
+            first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+            cause = f"({first[:160]}): another rank failed first; its error names the cause"
+            fix = "fix that rank's error"
+        return TrainingError(f"{where} {cause}; the last good checkpoint is {self.ckpt.latest()}; {fix}, "
+                             "then resume (vtok train resumes from it)")
 
     def _throughput(self, metrics: dict[str, float | torch.Tensor], samples: int, started: float,
                     t_data: float, peak_tflops: float) -> dict[str, float]:
