@@ -1,5 +1,6 @@
 """Faults: kill -9 and resume, preemption signals, leftover temp checkpoints, non-finite losses."""
 import os
+import re
 import signal
 import subprocess
 import time
@@ -154,6 +155,34 @@ def test_a_hung_rank_times_out_and_is_named(shards, tmp_path):
            "the forward of step 3" in proc.stderr, proc.stderr[-3000:]
     assert "step_000000002" in proc.stderr  # the last good checkpoint
     assert elapsed < 120, elapsed
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_is_needed(shards, tmp_path):
+    """Checkpoints on a 160 KiB tmpfs: step 2's (~105 KiB) fits, step 4's does not. The run stops with
+    one line naming the directory, the free space and the size needed; the partial step is removed,
+    step 2 stays intact and a run on a larger disk resumes from it."""
+    from vtok.train.checkpoint import verify_checkpoint
+
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs permission to mount a small tmpfs")
+    try:
+        recipe = write_train_recipe(tmp_path / "r.yaml", shards["mds"], "tiny-ae", tmp_path / "run", steps=6)
+        proc = subprocess.run(vtok_cmd("train", recipe, "data.batch_size=4", "ckpt.every_steps=2", f"ckpt.dir={disk}"),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        err = [line for line in proc.stderr.splitlines() if line.startswith("vtok: error:")]
+        assert len(err) == 1 and f"checkpoint step 4 did not fit in {disk}: the disk is full (" in err[0], proc.stderr
+        assert re.search(r"KiB free, a checkpoint needs 1\d\d\.\d KiB \(the size of step_000000002\)", err[0]), err[0]
+        assert f"the previous checkpoint {disk / 'step_000000002'} is intact" in err[0]
+        assert not list(disk.glob("*.tmp")) and verify_checkpoint(disk / "step_000000002") == ""
+        run_vtok("train", recipe, "data.batch_size=4", f"ckpt.resume={disk / 'step_000000002'}",
+                 f"ckpt.dir={tmp_path / 'large_disk'}")
+        assert (tmp_path / "large_disk" / "step_000000006").is_dir()
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 def test_nan_steps_are_skipped_then_stop_the_run(shards, tmp_path):

@@ -16,6 +16,7 @@ unless ``ckpt.trust=true``: DCP and DeepSpeed checkpoints unpickle their metadat
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -145,6 +146,14 @@ def verify_checkpoint(path: Path, trust: bool = False) -> str:
     return _check_files(path, meta["files"])
 
 
+def _size(size: int) -> str:
+    """Bytes for a person: KiB below a MiB, MiB below a GiB, else GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 2**10:.1f} KiB"
+
+
 def _training_error(message: str) -> Exception:
     from vtok.train.trainer import TrainingError  # trainer imports this module
 
@@ -173,15 +182,21 @@ class CheckpointManager:
             tmp.mkdir()
         barrier()
         t0 = time.perf_counter()
-        strategy.save(tmp, extra)
-        torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{self.info.rank:05d}.pt")
+        try:
+            strategy.save(tmp, extra)
+            torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{self.info.rank:05d}.pt")
+        except (OSError, RuntimeError) as e:
+            raise self._write_failure(step, tmp, e) from e
         barrier()
         if self.info.is_main:
             respect_umask(tmp)  # safetensors writes 0600; colleagues must be able to read checkpoints
             meta = {**meta, "format": FORMAT, "step": step, "world_size": self.info.world_size,
                     "saved_at": time.time(), "files": file_manifest(tmp)}
             meta["digest"] = _meta_digest(meta)
-            atomic_write_bytes(tmp / META, json.dumps(meta, indent=1).encode())  # last: marks it complete
+            try:
+                atomic_write_bytes(tmp / META, json.dumps(meta, indent=1).encode())  # last: marks it complete
+            except OSError as e:
+                raise self._write_failure(step, tmp, e) from e
             if final.exists():  # re-saving the same step (e.g. preemption right after a save)
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -190,6 +205,26 @@ class CheckpointManager:
             log.info("saved checkpoint %s (%.1fs)", final, time.perf_counter() - t0)
         barrier()
         return final
+
+    def _write_failure(self, step: int, tmp: Path, error: Exception) -> Exception:
+        """A checkpoint write that failed: on a full disk the partial ``tmp`` is removed (the previous
+        checkpoints are untouched) and the error is one line naming the directory, the free space and
+        the space a checkpoint needs (the newest complete one's size, else what was written before the
+        failure); any other error is returned unchanged."""
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
+        previous = self.latest()
+        size = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous else 0
+        free = shutil.disk_usage(self.dir).free
+        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or free < max(size, written)
+        if not full:
+            return error
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(self.dir).free  # with the partial checkpoint removed
+        need = f"{_size(size)} (the size of {previous.name})" if previous else f"more than the {_size(written)} written"
+        keep = f"the previous checkpoint {previous} is intact; " if previous else ""
+        return _training_error(f"checkpoint step {step} did not fit in {self.dir}: the disk is full ({_size(free)} free, "
+                               f"a checkpoint needs {need}); {keep}free space there or set ckpt.dir to a larger "
+                               "disk, then resume")
 
     def _prune(self) -> None:
         done = sorted(p for p in self.dir.glob("step_*") if p.is_dir() and (p / META).is_file())
