@@ -138,6 +138,13 @@ def require_keys(state: dict[str, torch.Tensor], need: list[str], what: str, hin
                             f"{hint}")
 
 
+def published_first(candidates: list[str]) -> str:
+    """The registry size to import as, of several with the same shapes: one with a published count first."""
+    from vtok.models.registry import MODELS
+
+    return sorted(candidates, key=lambda n: MODELS[n].params is None)[0]
+
+
 def drop_usage_buffers(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """``split`` of the LlamaGen-family VQ tokenizers: ``*codebook_used`` are usage statistics, not weights."""
     stats = [k for k in state if k.endswith("codebook_used")]
@@ -277,4 +284,4 @@ def _described(overrides: dict[str, Any]) -> str:
 
 __all__ = ["Checkpoint", "IMPORTERS", "ImportOptions", "ImportResult", "Importer", "ImporterError", "count_indexed",
            "drop_usage_buffers", "expected_official", "get_importer", "import_checkpoint", "official_mismatch",
-           "read_checkpoint", "register_importer", "rename", "require_keys"]
+           "published_first", "read_checkpoint", "register_importer", "rename", "require_keys"]

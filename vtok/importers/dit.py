@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtok.importers import (Checkpoint, Importer, ImporterError, ImportOptions, count_indexed, register_importer,
-                            rename, require_keys)
+from vtok.importers import (Checkpoint, Importer, ImporterError, ImportOptions, count_indexed, published_first,
+                            register_importer, rename, require_keys)
 from vtok.models.api import TokenSpec
 
 SD_VAE_SCALE = 0.18215  # DiT sample.py / train.py: latents = vae.encode(x).sample() * 0.18215
@@ -95,7 +95,7 @@ class DiTImporter(Importer):
             raise ImporterError(f"the checkpoint is a DiT of depth {depth}, width {width}, patch {patch} "
                                 f"({official_name(depth, width, patch, input_size)}): not a registered size "
                                 f"({', '.join(sizes)})")
-        arch = sorted(candidates, key=lambda n: MODELS[n].params is None)[0]  # published sizes first
+        arch = published_first(candidates)
         cfg = MODELS[arch].config
         want = {"input_size": input_size, "in_channels": channels, "num_classes": num_classes,
                 "learn_sigma": out == 2 * channels}

@@ -65,7 +65,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtok.importers import Checkpoint, Importer, ImporterError, ImportOptions, count_indexed, register_importer, require_keys
+from vtok.importers import (Checkpoint, Importer, ImporterError, ImportOptions, count_indexed, published_first,
+                            register_importer, require_keys)
 from vtok.models.api import TokenSpec
 
 ENC, DEC = "encoder.module_dict.", "decoder.module_dict."
@@ -254,7 +255,7 @@ class FlexTokImporter(Importer):
         if not candidates:
             raise ImporterError(f"the checkpoint is a FlexTok d{enc_d}-d{dec_d} ({described}): not a registered "
                                 f"size ({', '.join(sorted(entries))})")
-        arch = sorted(candidates, key=lambda n: MODELS[n].params is None)[0]
+        arch = published_first(candidates)
         cfg = MODELS[arch].config
         p = cfg.patch_size
         if in_dim % (p * p):

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from vtok.importers import (Checkpoint, Importer, ImporterError, ImportOptions, count_indexed, drop_usage_buffers,
-                            names, register_importer, rename)
-from vtok.importers.llamagen import INVERSE, RENAMES, VQ_INVERSE, VQ_RENAMES, LlamaGenGPTImporter
+                            names, published_first, register_importer, rename, require_keys)
+from vtok.importers.llamagen import INVERSE, RENAMES, VQ_INVERSE, VQ_RENAMES, LlamaGenGPTImporter, cnn_shape
 from vtok.models.api import TokenSpec
 
 # k -> (factor suffixes, adapter module names, {codebook index: feature-prediction head name})
@@ -101,24 +101,20 @@ class FQGANImporter(Importer):
         if not k or "quantize_vis.embedding.weight" not in state or "encoder.conv_in.weight" not in state:
             raise ImporterError(f"not an FQGAN checkpoint: no quantize_vis / quantize_sem codebooks (its keys start "
                                 f"{names(sorted(state))}); a single-codebook VQ is `vtok import llamagen-vq`")
-        suffixes, _, heads = LAYOUTS[k]
-        ch = int(state["encoder.conv_in.weight"].shape[0])
-        levels = count_indexed(state, "encoder.conv_blocks.")
-        mult = tuple(int(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0]) // ch for i in range(levels))
-        z = int(state["encoder.conv_out_vis.weight"].shape[0])
+        _, adapters, heads = LAYOUTS[k]
         size, dim = (int(s) for s in state["quantize_vis.embedding.weight"].shape)
-        grid = int(state[f"encoder.{LAYOUTS[k][1][0]}.0.positional_embedding"].shape[0]) if (
-            f"encoder.{LAYOUTS[k][1][0]}.0.positional_embedding" in state) else 0
+        pos = state.get(f"encoder.{adapters[0]}.0.positional_embedding")
+        grid = int(pos.shape[0]) if pos is not None else 0
         align = {j: int(state[f"{name}.class_embedding"].shape[-1]) for j, name in heads.items()
                  if f"{name}.class_embedding" in state}
         entries = {n: e for n, e in MODELS.items() if e.model is FQGAN and e.config.num_codebooks == k}
-        found = dict(ch=ch, ch_mult=mult, z_channels=z)
+        found = cnn_shape(state, "encoder.conv_out_vis.weight")
         candidates = [n for n, e in entries.items() if all(getattr(e.config.cnn, a) == v for a, v in found.items())]
         kind = {2: "Dual", 3: "Triple"}[k]
         if not candidates:
-            raise ImporterError(f"the checkpoint is an FQGAN-{kind} with ch {ch}, ch_mult {mult}, z {z}: not a "
-                                f"registered size ({', '.join(sorted(entries))})")
-        arch = sorted(candidates, key=lambda n: MODELS[n].params is None)[0]
+            raise ImporterError(f"the checkpoint is an FQGAN-{kind} with ch {found['ch']}, ch_mult {found['ch_mult']}, "
+                                f"z {found['z_channels']}: not a registered size ({', '.join(sorted(entries))})")
+        arch = published_first(candidates)
         cfg = MODELS[arch].config
         want: dict[str, Any] = {"align": align}
         if (size, dim) != (cfg.vq.codebook_size, cfg.vq.dim):
@@ -168,13 +164,10 @@ class FARImporter(LlamaGenGPTImporter):
         from vtok.models.registry import MODELS
 
         k = count_indexed(state, "tok_embeddings_")
-        need = ["tok_embeddings_1.weight", "aggregation_layer.weight", "ar_head.0.attention.wqkv.weight",
-                "cls_embedding.embedding_table.weight"]
-        absent = [key for key in need if key not in state]
-        if absent or k < 2:
-            raise ImporterError(f"not a FAR checkpoint: no {names(absent or ['tok_embeddings_2.weight'])} (its keys "
-                                f"start {names(sorted(state))}); a one-codebook GPT is `vtok import llamagen-gpt`")
-        vocab, dim = (int(x) for x in state["tok_embeddings_1.weight"].shape)
+        need = ["tok_embeddings_1.weight", "tok_embeddings_2.weight", "aggregation_layer.weight",
+                "ar_head.0.attention.wqkv.weight", "cls_embedding.embedding_table.weight"]
+        require_keys(state, need, "a FAR", hint="a one-codebook GPT is `vtok import llamagen-gpt`")
+        dim = int(state["tok_embeddings_1.weight"].shape[1])
         depth, head = count_indexed(state, "layers."), count_indexed(state, "ar_head.")
         if int(state["layers.0.attention.wqkv.weight"].shape[0]) != 3 * dim:
             raise ImporterError("grouped-query attention (n_kv_head < n_head), which vtok's GPT does not have")
@@ -186,7 +179,7 @@ class FARImporter(LlamaGenGPTImporter):
             sizes = sorted(n for n, e in MODELS.items() if e.model is GPT and e.config.head_layers > 0)
             raise ImporterError(f"the checkpoint is a {name} (depth {depth}, width {dim}, {head} head layers, k {k}): "
                                 f"not a registered size ({', '.join(sizes)})")
-        arch = sorted(candidates, key=lambda n: MODELS[n].params is None)[0]
+        arch = published_first(candidates)
         cfg = MODELS[arch].config
         want = {"vocab_sizes": tuple(int(state[f"tok_embeddings_{j + 1}.weight"].shape[0]) for j in range(k)),
                 "num_classes": int(state["cls_embedding.embedding_table.weight"].shape[0]) - 1,

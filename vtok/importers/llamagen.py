@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from vtok.importers import (Checkpoint, Importer, ImporterError, ImportOptions, count_indexed, drop_usage_buffers,
-                            register_importer, rename, require_keys)
+                            published_first, register_importer, rename, require_keys)
 from vtok.models.api import TokenSpec
 
 DOWNSAMPLE = 16  # the released c2i GPTs model VQ-16 tokens
@@ -78,6 +78,16 @@ VQ_INVERSE = [(r"^heads\.0\.0\.", "encoder.norm_out."), (r"^heads\.0\.2\.", "enc
               (r"^decoder\.(conv_blocks\.\d+)\.resample\.", r"decoder.\1.upsample."), (r"\.skip\.", ".nin_shortcut."),
               (r"\.proj\.", ".proj_out.")]
 VQ_NAMES = {(128, (1, 1, 2, 2, 4)): "VQ-16", (128, (1, 2, 2, 4)): "VQ-8"}
+
+
+def cnn_shape(state: dict[str, torch.Tensor], conv_out: str) -> dict[str, Any]:
+    """The LlamaGen CNN trunk's ``CNNConfig`` fields the official weights say (ch, ch_mult, num_res_blocks,
+    z_channels; ``conv_out``: the encoder output conv's weight key), for matching registry sizes."""
+    ch = int(state["encoder.conv_in.weight"].shape[0])
+    levels = count_indexed(state, "encoder.conv_blocks.")
+    mult = tuple(int(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0]) // ch for i in range(levels))
+    return dict(ch=ch, ch_mult=mult, num_res_blocks=count_indexed(state, "encoder.conv_blocks.0.res."),
+                z_channels=int(state[conv_out].shape[0]))
 
 
 def official_name(depth: int, dim: int) -> str:
@@ -136,7 +146,7 @@ class LlamaGenGPTImporter(Importer):
                            and e.config.condition == "class")
             raise ImporterError(f"the checkpoint is a LlamaGen {official_name(depth, dim)} (depth {depth}, width "
                                 f"{dim}): not a registered size ({', '.join(sizes)})")
-        arch = sorted(candidates, key=lambda n: MODELS[n].params is None)[0]  # published sizes first
+        arch = published_first(candidates)
         cfg = MODELS[arch].config
         want = {"vocab_sizes": (vocab,), "num_classes": num_classes, "prefix_rope": "zero"}
         return arch, {k: v for k, v in want.items() if getattr(cfg, k) != v}
@@ -192,19 +202,14 @@ class LlamaGenVQImporter(Importer):
         need = ["encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight",
                 "encoder.conv_blocks.0.res.0.conv1.weight"]
         require_keys(state, need, "a LlamaGen VQ")
-        ch = int(state["encoder.conv_in.weight"].shape[0])
-        levels = count_indexed(state, "encoder.conv_blocks.")
-        mult = tuple(int(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0]) // ch for i in range(levels))
-        blocks = count_indexed(state, "encoder.conv_blocks.0.res.")
-        z = int(state["encoder.conv_out.weight"].shape[0])
         size, dim = (int(s) for s in state["quantize.embedding.weight"].shape)
-        found = dict(ch=ch, ch_mult=mult, num_res_blocks=blocks, z_channels=z)
+        found = cnn_shape(state, "encoder.conv_out.weight")
         entries = {n: e for n, e in MODELS.items() if e.model is FQGAN and e.config.num_codebooks == 1}
         candidates = [n for n, e in entries.items() if all(getattr(e.config.cnn, k) == v for k, v in found.items())]
         if not candidates:
             desc = ", ".join(f"{k} {v}" for k, v in found.items())
             raise ImporterError(f"the checkpoint is a VQ with {desc}: not a registered size ({', '.join(sorted(entries))})")
-        arch = sorted(candidates, key=lambda n: MODELS[n].params is None)[0]
+        arch = published_first(candidates)
         vq = MODELS[arch].config.vq
         want = L2VectorQuantizer.Config(**{**vq.__dict__, "codebook_size": size, "dim": dim})
         return arch, ({"vq": want} if want != vq else {})
@@ -226,4 +231,4 @@ class LlamaGenVQImporter(Importer):
                                               f"codebook, {model.cfg.image_size} px)"}
 
 
-__all__ = ["LlamaGenGPTImporter", "LlamaGenVQImporter", "image_size_of"]
+__all__ = ["LlamaGenGPTImporter", "LlamaGenVQImporter", "cnn_shape", "image_size_of"]

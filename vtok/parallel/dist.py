@@ -64,7 +64,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30,
 
 class Progress:
     """Where each rank is, kept in the process group's key-value store (a connection of its own, which
-    outlives a collective that timed out): ``mark(where)`` before work that ends in collectives, and
+    outlives a collective that timed out): ``mark(...)`` before work that ends in collectives, and
     after a collective fails, ``laggards()`` names the ranks that never got as far as this one. The
     ranks mark in lockstep, so a mark count behind the most advanced rank's means "stuck before here".
     A world of one keeps nothing."""
@@ -78,10 +78,12 @@ class Progress:
             except (RuntimeError, AttributeError):  # no store to share: nothing to diagnose with
                 self.store = None
 
-    def mark(self, where: str) -> None:
-        """This rank reached ``where`` (e.g. "the forward of step 3")."""
+    def mark(self, stage: str, step: int, phase: str, micro: int) -> None:
+        """This rank reached ``stage`` ("forward" / "backward") of ``step``, optimizer ``phase``,
+        micro-batch ``micro`` (nothing is formatted or sent in a world of one)."""
         if self.store is not None:
             self.count += 1
+            where = f"the {stage} of step {step} ({phase}, micro-batch {micro})"
             self.store.set(f"vtok/progress/{self.rank}", f"{self.count}|{where}")
 
     def laggards(self) -> list[tuple[int, str]]:

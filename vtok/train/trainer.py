@@ -246,7 +246,7 @@ class Trainer:
             for i, batch in enumerate(micro):
                 last = i == len(micro) - 1
                 if not bad:
-                    self.progress.mark(f"the forward of step {self.step + 1} ({phase}, micro-batch {i + 1})")
+                    self.progress.mark("forward", self.step + 1, phase, i + 1)
                     with self.strategy.micro_batch(phase, last):
                         loss, extra = self.task.loss(phase, batch, self.step)
                     flag = ~torch.isfinite(loss.detach()).all()
@@ -257,7 +257,7 @@ class Trainer:
                 if bad:
                     self.strategy.skip_micro_batch(phase, last, self.grad_accum)
                     continue
-                self.progress.mark(f"the backward of step {self.step + 1} ({phase}, micro-batch {i + 1})")
+                self.progress.mark("backward", self.step + 1, phase, i + 1)
                 self.strategy.backward(loss, phase, last, self.grad_accum)
                 for k, v in {"loss": loss, **extra}.items():
                     value = v.detach().float() if torch.is_tensor(v) else float(v)
