@@ -4,7 +4,9 @@
 #
 # Reads: SLURM_JOB_NODELIST (head node = first of `scontrol show hostnames`), SLURM_NNODES,
 # SLURM_NODEID, SLURM_JOB_ID (rendezvous id), SLURM_GPUS_ON_NODE; VTOK_NPROC_PER_NODE and
-# VTOK_RDZV_PORT (default 29500) override.
+# VTOK_RDZV_PORT (default 29500) override. VTOK_MAX_RESTARTS (default 0): when a worker dies (a node
+# crash, an OOM kill), torchrun restarts every node's workers up to this many times, and `vtok train`
+# resumes from the last checkpoint.
 set -euo pipefail
 
 # The whole list first, then its first line: `scontrol ... | head -n 1` under pipefail dies of SIGPIPE
@@ -33,4 +35,5 @@ trap '' USR1
 exec torchrun \
   --nnodes="${nnodes}" --nproc_per_node="${nproc}" --node_rank="${node_rank}" \
   --rdzv_backend=c10d --rdzv_endpoint="${head_node}:${port}" --rdzv_id="${SLURM_JOB_ID:-vtok}" \
+  --max-restarts="${VTOK_MAX_RESTARTS:-0}" \
   "$@"
