@@ -43,6 +43,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vtok", "vtok.*"]),
+    package_data={"vtok.plan": ["gpus.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["vtok=vtok.cli:main"]},

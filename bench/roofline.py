@@ -7,7 +7,7 @@
 
 The ceiling is the rate a device actually reaches on a large dense matmul: on CPU it is measured in
 the same run (median of 5 fp32 1024^3 matmuls after a warm-up: the ~300-360 GFLOP/s of this VM's
-2 cores), on a GPU the dense bf16 peak of its name (``vtok.train.trainer.PEAK_BF16_TFLOPS``; pass
+2 cores), on a GPU the dense bf16 peak of its name (vtok/plan/gpus.yaml; pass
 ``peak_tflops`` for others). FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
 convolutions and attention; elementwise work is not counted, so a memory-bound step reads low).
 """

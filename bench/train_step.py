@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vtok.config import load_recipe
+from vtok.plan.measure import measured_state
 from vtok.train import Trainer, TrainTask, register_task
 
 VOCAB, SEQ = 1024, 128
@@ -107,22 +108,10 @@ class MemoryBatches:
             yield dict(self.batch)
 
 
-def local_bytes(tensors) -> int:
-    total = 0
-    for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        total += t.numel() * t.element_size()
-    return total
-
-
 def state_bytes(trainer: Trainer) -> int:
     """This rank's parameter + optimizer-state bytes (sharded tensors count their local shard)."""
-    if trainer.strategy.name == "deepspeed":
-        return -1  # ZeRO keeps flat fp32 partitions of its own; not comparable tensor by tensor
-    params = [p for m in trainer.strategy.raw.values() for p in m.parameters()]
-    opt_states = [v for opt in trainer.strategy.optimizers.values() for s in opt.state.values()
-                  for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
-    return local_bytes(params) + local_bytes(opt_states)
+    state = measured_state(trainer.strategy)
+    return state["params"] + state["optimizer"]
 
 
 def run_trainer(args, strategy: str, zero: int, run_dir: str) -> dict:

@@ -4,9 +4,10 @@
 #
 # Reads: SLURM_JOB_NODELIST (head node = first of `scontrol show hostnames`), SLURM_NNODES,
 # SLURM_NODEID, SLURM_JOB_ID (rendezvous id), SLURM_GPUS_ON_NODE; VTOK_NPROC_PER_NODE and
-# VTOK_RDZV_PORT (default 29500) override. VTOK_MAX_RESTARTS (default 0): when a worker dies (a node
-# crash, an OOM kill), torchrun restarts every node's workers up to this many times, and `vtok train`
-# resumes from the last checkpoint.
+# VTOK_RDZV_PORT (default 29500) override. VTOK_MAX_RESTARTS (default 0): when a worker dies (an OOM
+# kill, a GPU fault), torchrun restarts the workers up to this many times and `vtok train` resumes from
+# the last checkpoint. Unreliable in vtok's drills (gloo reconnects failed; across nodes each agent
+# counts restarts itself and workers of different counts never meet): prefer `sbatch --requeue`.
 set -euo pipefail
 
 # The whole list first, then its first line: `scontrol ... | head -n 1` under pipefail dies of SIGPIPE

@@ -23,11 +23,22 @@ def single_runs(shards, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "hsdp"])
 def test_two_ranks_follow_single_process_trajectory(single_runs, tmp_path, strategy):
+    """hsdp: FSDP2 on a (replicate 2, shard 1) mesh (parallel.fsdp_shard_size=1); its step-4
+    checkpoint (DCP of 2D-mesh DTensors) also resumes into the same steps 5 and 6."""
     recipe, ref = single_runs["tiny-ae"]
     run = tmp_path / "run"
-    run_vtok("train", recipe, f"parallel.strategy={strategy}", f"run_dir={run}", "data.batch_size=4", nproc=2)
+    args = ["parallel.strategy=fsdp2", "parallel.fsdp_shard_size=1"] if strategy == "hsdp" else [
+        f"parallel.strategy={strategy}"]
+    run_vtok("train", recipe, *args, f"run_dir={run}", "data.batch_size=4", nproc=2)
+    if strategy == "hsdp":
+        again = tmp_path / "again"
+        run_vtok("train", recipe, *args, f"run_dir={again}", "data.batch_size=4",
+                 f"ckpt.resume={run / 'checkpoints' / 'step_000000004'}", nproc=2)
+        assert [m["step"] for m in read_metrics(again)] == [5, 6]
+        torch.testing.assert_close(torch.tensor(losses(again, "main/loss")),
+                                   torch.tensor(losses(run, "main/loss")[4:]), rtol=1e-6, atol=1e-8)
     ref_loss, loss = losses(ref, "main/loss"), losses(run, "main/loss")
     assert len(loss) == len(ref_loss) == 6
     assert loss[-1] < loss[0]

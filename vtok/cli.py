@@ -5,6 +5,7 @@
     vtok info RECIPE [key=value ...]            print the resolved recipe
     vtok train RECIPE [key=value ...]           train (resumes from the run dir's latest checkpoint)
     vtok export RECIPE --out DIR                model.safetensors + config.json for inference
+    vtok plan RECIPE --gpus N --gpu H100        memory per GPU per strategy, step time, days, GPU-hours
     vtok precompute codes --tokenizer DIR ...   image shards -> code shards (resumable, multi-rank)
     vtok precompute captions|text-emb|latents   add caption / T5 text_emb / VAE latents to shards
     vtok sample --generator DIR [--tokenizer DIR] class-conditional samples (GPT / DiT, CFG) -> grid / npz
@@ -115,6 +116,18 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from vtok.train import Trainer
 
+    if args.engine == "composer":  # MosaicML Composer's loop on the same recipe (vtok/integrations)
+        from vtok.integrations import composer_fit
+
+        result = composer_fit(load_recipe(args.recipe, args.overrides), resume=args.resume)
+        if result["is_main"]:
+            run = Path(result["run_dir"])
+            again = shlex.join(["vtok", "train", args.recipe, *args.overrides, "--engine", "composer"])
+            print(summary(f"vtok train: {result['status']} at step {result['step']} (Composer); run dir {run}", [
+                ("run dir", run), ("checkpoint", result["checkpoint"]), ("metrics", existing(result["metrics"])),
+                ("config", existing(run / "config.yaml")), ("tensorboard", existing(run / "tensorboard")),
+                ("next", again if result["status"] != "complete" else None)]))
+        return
     trainer = Trainer(load_recipe(args.recipe, args.overrides))
     result = trainer.fit(resume=args.resume)
     if trainer.info.is_main:
@@ -127,6 +140,17 @@ def cmd_train(args: argparse.Namespace) -> None:
             ("run dir", run), ("checkpoint", trainer.ckpt.latest()), ("metrics", trainer.metrics_path),
             ("config", existing(run / "config.yaml")), ("tensorboard", existing(run / "tensorboard")),
             ("samples", existing(run / "samples")), ("next", nxt)]))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
+    from vtok.plan import make_plan
+
+    plan = make_plan(load_recipe(args.recipe, args.overrides), gpu=args.gpu, gpus=args.gpus,
+                     gpus_per_node=args.gpus_per_node, mfu=args.mfu, gpu_table=args.gpu_table,
+                     recipe_name=args.recipe)
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else plan.table())
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -321,8 +345,28 @@ def build_parser() -> argparse.ArgumentParser:
                            description=f"Train a recipe on its data. {RUN_DIR_HELP}")
     train.add_argument("recipe", help=RECIPE_HELP)
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    train.add_argument("--resume", default="", help="a checkpoint dir (default: <run_dir>/checkpoints/latest)")
+    train.add_argument("--resume", default="", help="a checkpoint dir (default: <run_dir>/checkpoints/latest); "
+                       "with --engine composer a Composer checkpoint file (default: the newest in "
+                       "<run_dir>/checkpoints-composer)")
+    train.add_argument("--engine", choices=("vtok", "composer"), default="vtok",
+                       help="the training loop: vtok's own, or MosaicML Composer's Trainer (one-optimizer "
+                       "tasks, DDP; install it as the README's Composer section says)")
     train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser("plan", help="will a recipe fit, and how long will it take: memory per GPU for "
+                          "ddp / fsdp2 / ZeRO 1-3 (with and without activation checkpointing), step time, "
+                          "days and GPU-hours on N GPUs of a kind",
+                          description="Profile a recipe's model on the meta device (nothing is allocated; one "
+                          "batch is read from its shards for the shapes) and plan it on a cluster.")
+    plan.add_argument("recipe", help=RECIPE_HELP)
+    plan.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs in the job (world size)")
+    plan.add_argument("--gpu", default="H100", help="a GPU of the table (vtok/plan/gpus.yaml): H100, H200, A100, L40S")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation the step time assumes")
+    plan.add_argument("--gpu-table", default="", help="a YAML of more GPUs (entries as in vtok/plan/gpus.yaml)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     export = sub.add_parser("export", help="write model.safetensors + config.json from a checkpoint")
     export.add_argument("recipe", help=f"{RECIPE_HELP}; its run_dir holds the checkpoints")

@@ -96,6 +96,9 @@ class ParallelConfig:
     fsdp_reshard_after_forward: bool = True
     fsdp_cpu_offload: bool = False
     fsdp_param_dtype: str = choice("fp32", "bf16", doc="FSDP2 MixedPrecisionPolicy param dtype")
+    # ranks per FSDP2 shard group: 0 = all ranks (full sharding); e.g. 8 = shard within each 8-GPU node
+    # and replicate across nodes (hybrid sharding, HSDP: gathers stay on the node's fast links)
+    fsdp_shard_size: int = 0
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     backend: str = choice("auto", "gloo", "nccl")
     # how long a collective waits for the other ranks; then the run stops, naming the ranks that did not

@@ -26,6 +26,9 @@ class FSDP2Strategy(Strategy):
                   "reshard_after_forward": self.cfg.fsdp_reshard_after_forward}
         if self.cfg.fsdp_cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
+        mesh = self.mesh()
+        if mesh is not None:
+            kwargs["mesh"] = mesh
         blocks = blocks_of(module)
         for block in blocks:  # one all-gather per block: memory is params of one block at a time
             if compile:
@@ -35,6 +38,25 @@ class FSDP2Strategy(Strategy):
             module.compile()
         fully_shard(module, **kwargs)
         return module
+
+    def mesh(self):
+        """The device mesh: None (shard over every rank) unless ``parallel.fsdp_shard_size`` is set
+        below the world size; then a 2D (replicate, shard) mesh: hybrid sharding (HSDP), parameters
+        sharded within groups of that many ranks (a node) and replicated across the groups."""
+        size, world = self.cfg.fsdp_shard_size, self.info.world_size
+        if not size or size >= world:
+            return None
+        if world % size:
+            from vtok.config import RecipeError
+
+            raise RecipeError(f"parallel.fsdp_shard_size={size} does not divide the {world} ranks; use a "
+                              "divisor (e.g. the GPUs per node) or 0 to shard over all ranks")
+        if getattr(self, "_mesh", None) is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(self.info.device.type, (world // size, size),
+                                          mesh_dim_names=("replicate", "shard"))
+        return self._mesh
 
     def _set_trainable(self, modules: set[str]) -> None:
         """No-op: FSDP2 builds each unsharded parameter once, so flipping ``requires_grad`` on the

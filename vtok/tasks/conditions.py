@@ -29,7 +29,7 @@ class ConditionSource:
                 self._grid_text = (text[:n].detach().clone(), mask[:n].detach().clone())
             return Condition(text=text, text_mask=mask)
         labels = batch["cls"]
-        if labels.numel() and int(labels.max()) >= self.num_classes:
+        if labels.numel() and not labels.is_meta and int(labels.max()) >= self.num_classes:
             raise RecipeError(f"class id {int(labels.max())} in the data >= model.num_classes="
                               f"{self.num_classes}; raise model.num_classes")
         return Condition(labels=labels)

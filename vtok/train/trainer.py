@@ -38,7 +38,6 @@ from vtok.train.task import TrainTask, build_task
 log = logging.getLogger("vtok.train")
 
 COMPLETE = "COMPLETE"  # written to the run dir when all steps are done (Slurm scripts read it)
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
 class TrainingError(RuntimeError):
@@ -49,8 +48,9 @@ def device_peak_tflops(device: torch.device, override: float) -> float:
     """Dense bf16 peak of one device for MFU: ``override`` or a known GPU name; 0 if unknown."""
     if override or device.type != "cuda":
         return override
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+    from vtok.plan.gpus import peak_tflops_of  # the table `vtok plan` reads (vtok/plan/gpus.yaml)
+
+    return peak_tflops_of(torch.cuda.get_device_name(device))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -66,6 +66,40 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def grad_accum_steps(recipe: Recipe, world_size: int) -> int:
+    """Micro-batches per optimizer step: ``train.global_batch_size`` over ``data.batch_size`` x ranks
+    (1 when no global batch is set); a one-line RecipeError when it does not divide."""
+    micro = recipe.data.batch_size
+    global_batch = recipe.train.global_batch_size or micro * world_size
+    if global_batch % (micro * world_size):
+        raise RecipeError(f"train.global_batch_size={global_batch} is not a multiple of "
+                          f"data.batch_size x ranks = {micro} x {world_size}; adjust one of them")
+    return global_batch // (micro * world_size)
+
+
+def optim_configs(task: TrainTask, recipe: Recipe) -> dict[str, OptimConfig]:
+    """``train.optim`` per optimizer the task declares, in the task's step order (defaults for the
+    ones the recipe leaves out); a one-line RecipeError names an optimizer the task does not have."""
+    declared, given = list(task.optimizers), recipe.train.optim
+    for name in given:
+        if name not in declared:
+            close = difflib.get_close_matches(name, declared, n=1)
+            hint = f"; did you mean 'train.optim.{close[0]}'?" if close else ""
+            raise RecipeError(f"train.optim.{name}: task '{recipe.train.task}' has no optimizer "
+                              f"'{name}' (it has {declared}){hint}")
+    return {name: given.get(name, OptimConfig()) for name in declared}
+
+
+def load_loader_state(loader: Any, states: list[dict[str, Any]], rank: int, same_world: bool) -> None:
+    """Resume ``loader`` from the per-rank ``states`` a checkpoint saved (``loader.state_dict()`` of
+    every saving rank): vtok loaders merge them into one position for any world size; another loader
+    with ``load_state_dict`` takes this rank's state (rank 0's after a world-size change)."""
+    if hasattr(loader, "merge_rank_states"):  # vtok loaders: one position for all ranks
+        loader.load_state_dict(loader.merge_rank_states(states))
+    elif hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(states[rank if same_world else 0])
 
 
 class Batches:
@@ -98,12 +132,8 @@ class Trainer:
         torch.manual_seed(recipe.seed)  # identical initial weights on every rank
         self.task = task or build_task(recipe)
         world, micro = self.info.world_size, recipe.data.batch_size
-        global_batch = tc.global_batch_size or micro * world
-        if global_batch % (micro * world):
-            raise RecipeError(f"train.global_batch_size={global_batch} is not a multiple of "
-                              f"data.batch_size x ranks = {micro} x {world}; adjust one of them")
-        self.grad_accum = global_batch // (micro * world)
-        self.optim_cfgs = self._optim_configs()
+        self.grad_accum = grad_accum_steps(recipe, world)
+        self.optim_cfgs = optim_configs(self.task, recipe)
         self.strategy = build_strategy(recipe.parallel, self.info, tc.precision)
         self.strategy.setup(self.task, self.optim_cfgs, micro_batch_size=micro, grad_accum=self.grad_accum,
                             grad_clip=tc.grad_clip, compile=tc.compile,
@@ -120,16 +150,6 @@ class Trainer:
                                       recipe.ckpt.keep_last, self.info, trust=recipe.ckpt.trust)
         self.step = 0
         self.metrics_path: Path | None = None  # <run_dir>/metrics.jsonl once fit() has opened it
-
-    def _optim_configs(self) -> dict[str, OptimConfig]:
-        declared, given = list(self.task.optimizers), self.recipe.train.optim
-        for name in given:
-            if name not in declared:
-                close = difflib.get_close_matches(name, declared, n=1)
-                hint = f"; did you mean 'train.optim.{close[0]}'?" if close else ""
-                raise RecipeError(f"train.optim.{name}: task '{self.recipe.train.task}' has no optimizer "
-                                  f"'{name}' (it has {declared}){hint}")
-        return {name: given.get(name, OptimConfig()) for name in declared}
 
     def _build_ema(self) -> dict[str, EMA]:
         cfg = self.recipe.train.ema
@@ -151,11 +171,8 @@ class Trainer:
     def load(self, path: Path) -> None:
         meta, states = self.ckpt.load(path, self.strategy, extra_state(self.ema))
         self.step = int(meta["step"])
-        if hasattr(self.loader, "merge_rank_states"):  # vtok loaders: one position for all ranks
-            self.loader.load_state_dict(self.loader.merge_rank_states([s["loader"] for s in states]))
-        elif hasattr(self.loader, "load_state_dict"):
-            same_world = meta["world_size"] == self.info.world_size
-            self.loader.load_state_dict(states[self.info.rank if same_world else 0]["loader"])
+        load_loader_state(self.loader, [s["loader"] for s in states], self.info.rank,
+                          same_world=meta["world_size"] == self.info.world_size)
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---- the loop ---------------------------------------------------------------------------------

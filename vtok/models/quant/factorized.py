@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtok.models.quant.base import QuantizerOutput
+from vtok.models.quant.base import QuantizerOutput, full_precision
 from vtok.models.quant.vq import L2VectorQuantizer
 
 
@@ -52,7 +52,7 @@ class FactorizedQuantizer(nn.Module):
                 losses[k] = losses.get(k, 0.0) + v
             metrics.update({f"{k}_{i}": v for k, v in out.metrics.items()})
         if self.cfg.disentangle_weight > 0 and len(outs) > 1:
-            with torch.autocast(zs[0].device.type, enabled=False):
+            with full_precision(zs[0]):
                 losses["disentangle"] = self.cfg.disentangle_weight * disentanglement_loss(
                     [o.quantized.float() for o in outs])
         quantized = torch.cat([o.quantized for o in outs], dim=1)

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from vtok.models.quant.base import QuantizerOutput, code_usage
+from vtok.models.quant.base import QuantizerOutput, code_usage, full_precision
 
 
 def _levels(levels: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -99,7 +99,7 @@ class FSQ(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         if z.shape[-1] != self.dim:
             raise ValueError(f"FSQ with levels {self.levels} expects {self.dim} channels last, got {z.shape[-1]}")
-        with torch.autocast(z.device.type, enabled=False):
+        with full_precision(z):
             codes = quantize(z.float(), self.levels, self.cfg.eps)
             indices = self.codes_to_indices(codes.detach())
         metrics = {k: v.detach() for k, v in code_usage(indices, self.codebook_size).items()}

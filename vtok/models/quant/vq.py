@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtok.models.quant.base import QuantizerOutput, code_usage
+from vtok.models.quant.base import QuantizerOutput, code_usage, full_precision
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class L2VectorQuantizer(nn.Module):
         return self.codes()[indices].permute(0, 3, 1, 2)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        with torch.autocast(z.device.type, enabled=False):
+        with full_precision(z):
             return self._quantize(at_least_fp32(z))
 
     def _quantize(self, z: torch.Tensor) -> QuantizerOutput:
