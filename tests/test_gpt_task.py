@@ -104,3 +104,16 @@ def test_errors_name_the_fix(code_shards, tmp_path):
     trainer = Trainer(recipe(code_shards, tmp_path / "d", "model.num_classes=3", "train.steps=1"))
     with pytest.raises(RecipeError, match="raise model.num_classes"):
         trainer.fit()
+
+
+def test_resume_mid_epoch_draws_the_same_random_numbers(code_shards, tmp_path):
+    """Dropout, token and class dropout draw from the global RNG: a run resumed from its step-3
+    checkpoint repeats steps 4-6 exactly (the loader's epoch start must not draw from that RNG)."""
+    extra = ["train.steps=6", "ckpt.every_steps=3", "model.dropout=0.1", "model.token_dropout=0.1",
+             "data.batch_size=8"]
+    Trainer(recipe(code_shards, tmp_path / "a", *extra)).fit()
+    Trainer(recipe(code_shards, tmp_path / "b", *extra,
+                   f"ckpt.resume={tmp_path / 'a' / 'checkpoints' / 'step_000000003'}")).fit()
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == [4, 5, 6]
+    assert [m["main/loss"] for m in b] == [m["main/loss"] for m in a[3:]]

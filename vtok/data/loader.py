@@ -61,9 +61,12 @@ class ShardLoader:
         self._mds_resume: dict[str, Any] | None = None
         self._new_wds_epoch()
         workers = cfg.num_workers
+        # Starting an epoch draws the workers' base seed; from its own generator, not the global RNG,
+        # which a resume restores and this draw would shift (vtok's data randomness is keyed by seed,
+        # epoch and sample, not by the workers' torch seeds)
         self.loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers, pin_memory=cfg.pin_memory,
-            prefetch_factor=cfg.prefetch_factor if workers else None)
+            prefetch_factor=cfg.prefetch_factor if workers else None, generator=torch.Generator().manual_seed(0))
 
     @property
     def format(self) -> str:

@@ -28,9 +28,8 @@ What maps to what (everything else is vtok's own code, called from here):
                                  Runs on CPU with gloo; Composer's FSDP1 needs CUDA and is not used
 
 The data position and each rank's RNG state travel in Composer's checkpoint as VtokState's state:
-a resume continues the data stream where the run stopped and draws the same random numbers (exact
-when the checkpoint falls inside a loader epoch; at the very end of one, torch's DataLoader draws
-one extra seed on the resumed side). Refused with a one-line EngineError (``check_recipe``,
+a resume continues the data stream where the run stopped and draws the same random numbers (vtok's
+loader starts its epochs without drawing from the global RNG). Refused with a one-line EngineError (``check_recipe``,
 ``composer_trainer``): tasks with several optimizers (the GAN tokenizers), ``start_step`` > 0,
 ``parallel.strategy=deepspeed``, ``fsdp_cpu_offload`` and ``fsdp_shard_size``. Not mapped: SIGTERM/SIGUSR1 preemption
 (Composer resumes from its last interval checkpoint). ``vtok export`` reads vtok checkpoints only.
@@ -225,7 +224,7 @@ class VtokState(Callback):
                                           config=config, phases=[self.model.phase])
 
     def batch_start(self, state: State, logger: Logger) -> None:
-        if self._rng is not None:  # after the resumed loader made its iterator (which draws a seed)
+        if self._rng is not None:  # at the first resumed step, after Composer's own start-up draws
             set_rng_state(self._rng)
             self._rng = None
         self.step = int(state.timestamp.batch)
