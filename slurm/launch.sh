@@ -5,9 +5,11 @@
 # Reads: SLURM_JOB_NODELIST (head node = first of `scontrol show hostnames`), SLURM_NNODES,
 # SLURM_NODEID, SLURM_JOB_ID (rendezvous id), SLURM_GPUS_ON_NODE; VTOK_NPROC_PER_NODE and
 # VTOK_RDZV_PORT (default 29500) override. VTOK_MAX_RESTARTS (default 0): when a worker dies (an OOM
-# kill, a GPU fault), torchrun restarts the workers up to this many times and `vtok train` resumes from
-# the last checkpoint. Unreliable in vtok's drills (gloo reconnects failed; across nodes each agent
-# counts restarts itself and workers of different counts never meet): prefer `sbatch --requeue`.
+# kill, a GPU fault, a node's crash seen by the others as a broken collective), every node's torchrun
+# exits non-zero and this script starts it again, up to this many times; `vtok train` resumes from the
+# last checkpoint. The restart is counted here, once per failure on every node, and attempt N meets on
+# rendezvous port + N with id JOB-N, so all nodes agree on it. (torchrun's own --max-restarts does not
+# work across nodes: each agent counts restarts itself and workers of different counts never meet.)
 set -euo pipefail
 
 # The whole list first, then its first line: `scontrol ... | head -n 1` under pipefail dies of SIGPIPE
@@ -33,8 +35,32 @@ echo "[launch] node ${node_rank}/${nnodes} ($(hostname)): ${nproc} workers, rend
 # The agent ignores SIGUSR1 (Slurm's --signal goes to every process of the step); the workers
 # install their own handler, save a checkpoint and exit 0, and the sbatch script requeues.
 trap '' USR1
-exec torchrun \
-  --nnodes="${nnodes}" --nproc_per_node="${nproc}" --node_rank="${node_rank}" \
-  --rdzv_backend=c10d --rdzv_endpoint="${head_node}:${port}" --rdzv_id="${SLURM_JOB_ID:-vtok}" \
-  --max-restarts="${VTOK_MAX_RESTARTS:-0}" \
-  "$@"
+rdzv() {  # torchrun's options for restart attempt $1: a fresh rendezvous every time
+  echo --nnodes="${nnodes}" --nproc_per_node="${nproc}" --node_rank="${node_rank}" --rdzv_backend=c10d \
+    --rdzv_endpoint="${head_node}:$((port + $1))" --rdzv_id="${SLURM_JOB_ID:-vtok}-$1"
+}
+restarts=${VTOK_MAX_RESTARTS:-0}
+if [ "${restarts}" -eq 0 ]; then
+  # shellcheck disable=SC2046
+  exec torchrun $(rdzv 0) "$@"
+fi
+# With restarts this shell stays: it must not die of the SIGTERM a preemption sends the whole step
+# before torchrun's workers have saved (its handler is reset in torchrun, unlike an ignored signal).
+stopping=0
+trap 'stopping=1' TERM INT
+for ((attempt = 0; ; attempt++)); do
+  # shellcheck disable=SC2046
+  torchrun $(rdzv "${attempt}") "$@" &
+  child=$!
+  rc=0
+  wait "${child}" || rc=$?
+  while kill -0 "${child}" 2>/dev/null; do  # a trapped signal ended the wait, not torchrun
+    rc=0
+    wait "${child}" || rc=$?
+  done
+  if [ "${rc}" -eq 0 ] || [ "${stopping}" -eq 1 ] || [ "${attempt}" -ge "${restarts}" ]; then
+    exit "${rc}"
+  fi
+  echo "[launch] node ${node_rank}: torchrun exited ${rc}; restart $((attempt + 1)) of ${restarts}" \
+    "(rendezvous ${head_node}:$((port + attempt + 1)))" >&2
+done

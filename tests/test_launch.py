@@ -1,10 +1,16 @@
 """Multi-node launch logic: slurm/launch.sh on two torchrun "nodes" over 127.0.0.1 (c10d)."""
+import contextlib
 import os
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
-from conftest import ROOT, read_metrics, write_train_recipe
+import torch
+from safetensors.torch import load_file
+
+from conftest import ENTRY, ROOT, read_metrics, run_vtok, write_train_recipe
 
 LAUNCH = ROOT / "slurm" / "launch.sh"
 
@@ -99,3 +105,56 @@ def test_precompute_codes_script_splits_shards_over_ranks(shards, exported, tmp_
     assert "rank 0 wrote 6 shards" in proc.stdout and "rank 1 wrote 6 shards" in proc.stdout
     assert len(list(out.glob("shard-*.tar"))) == 12 and (out / "codes.json").is_file()
 
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [c for p in map(int, out) for c in (p, *descendants(p))]
+
+
+def test_a_node_killed_mid_run_restarts_and_resumes_losing_nothing(shards, tmp_path):
+    """Two launch.sh "nodes" with VTOK_MAX_RESTARTS=1; after the step-7 checkpoint node 1's worker is
+    killed with SIGKILL (a crashed node, as the others see it: a broken collective). Both nodes'
+    torchrun exit, launch.sh starts attempt 1 on each (rendezvous port + 1), `vtok train` resumes from
+    the last checkpoint, and the final weights equal an uninterrupted 2-rank run's bit for bit."""
+    steps = 40
+    recipe = write_train_recipe(tmp_path / "r.yaml", shards["wds"], "tiny-ae", tmp_path / "run", steps=steps)
+    Path(recipe).write_text(Path(recipe).read_text().replace("format: mds", "format: wds"))  # MDS's shared
+    # memory is per host: two "nodes" on one host would collide in it
+    common = ["parallel.strategy=ddp", "data.batch_size=4", "ckpt.every_steps=7", "data.num_workers=0",
+              "parallel.timeout_minutes=1"]
+    run_vtok("train", recipe, *common, f"run_dir={tmp_path / 'clean'}", nproc=2)
+    env = {**os.environ, "PATH": f"{fake_slurm_bin(tmp_path)}:{os.environ['PATH']}",
+           "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4343",
+           "VTOK_NPROC_PER_NODE": "1", "VTOK_MAX_RESTARTS": "1", "VTOK_RDZV_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    cmd = ["bash", str(LAUNCH), str(ENTRY), "train", recipe, *common]
+    nodes = [subprocess.Popen(cmd, env={**env, "SLURM_NODEID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for i in range(2)]
+    try:
+        first = tmp_path / "run" / "checkpoints" / "step_000000007" / "meta.json"
+        deadline = time.time() + 120
+        while not first.exists():
+            ended = [n for n in nodes if n.poll() is not None]
+            assert not ended, f"a node ended before the first checkpoint: {ended[0].communicate()[1][-3000:]}"
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.01)
+        commands = {p: Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in descendants(nodes[1].pid)}
+        workers = [p for p, c in commands.items() if "train_entry" in c and "torchrun" not in c]  # not the agent
+        os.kill(workers[0], signal.SIGKILL)
+        outs = [n.communicate(timeout=240) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                for pid in descendants(n.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                os.killpg(n.pid, signal.SIGKILL)
+                n.communicate()
+    for node, (out, err) in zip(nodes, outs):
+        assert node.returncode == 0, err[-3000:]
+        assert "restart 1 of 1" in err, err[-3000:]
+    assert sum("resumed from" in err for _, err in outs) >= 1, "the restarted workers resume from a checkpoint"
+    a = load_file(str(tmp_path / "clean" / "checkpoints" / f"step_{steps:09d}" / "model-ae.safetensors"))
+    b = load_file(str(tmp_path / "run" / "checkpoints" / f"step_{steps:09d}" / "model-ae.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after the restart"
