@@ -6,6 +6,7 @@ import sys
 import torch
 
 from vtok.config import load_recipe
+from vtok.parallel.dist import shutdown_distributed
 from vtok.plan.measure import measured_state
 from vtok.train import Trainer
 
@@ -26,3 +27,4 @@ if __name__ == "__main__":
     if torch.distributed.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(ranks, f)
+    shutdown_distributed()  # else gloo's threads can abort the interpreter's exit (SIGABRT)

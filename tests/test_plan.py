@@ -109,7 +109,10 @@ def test_predicted_state_bytes_match_each_strategy_at_two_ranks(tmp_path):
            ",".join(names), *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # gloo's threads rarely abort the interpreter's exit after the work is done ("terminate called
+    # without an active exception", even after destroy_process_group): the measurement is what counts
+    exit_abort = "terminate called without an active exception" in proc.stderr
+    assert proc.returncode == 0 or (exit_abort and out.is_file()), proc.stderr[-4000:]
     prof = profile_recipe(load_recipe(ROOT / "recipes" / "smoke" / "far_dual.yaml", overrides))
     for rank in json.loads(out.read_text()):
         for name in names:
