@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import ENTRY, ROOT, read_metrics, run_vtok, write_train_recipe
+from conftest import ENTRY, ROOT, descendants, read_metrics, run_vtok, write_train_recipe
 
 LAUNCH = ROOT / "slurm" / "launch.sh"
 
@@ -104,12 +104,6 @@ def test_precompute_codes_script_splits_shards_over_ranks(shards, exported, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 wrote 6 shards" in proc.stdout and "rank 1 wrote 6 shards" in proc.stdout
     assert len(list(out.glob("shard-*.tar"))) == 12 and (out / "codes.json").is_file()
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [c for p in map(int, out) for c in (p, *descendants(p))]
 
 
 def test_a_node_killed_mid_run_restarts_and_resumes_losing_nothing(shards, tmp_path):

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
+from conftest import descendants
 from vtok.cli import main
 from vtok.data.schema import from_wds
 from vtok.data.shards import ShardSource
@@ -36,21 +37,6 @@ def captions_cmd(*args, nproc=1):
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return [*launcher, "-m", "vtok.cli", "precompute", "captions", "--no-progress", *map(str, args)]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc), children first."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = [int(c) for t in os.listdir(f"/proc/{p}/task")
-                    for c in open(f"/proc/{p}/task/{t}/children").read().split()]
-        except FileNotFoundError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
 
 
 def tar_samples(out):
