@@ -205,19 +205,26 @@ def test_slurm_script_requeues_on_the_time_limit_signal_and_resumes(shards, tmp_
     out = tmp_path / "out"
     cmd = ["bash", str(ROOT / "slurm" / "precompute.sh"), "captions", "--from-jsonl", str(jsonl),
            "--data", str(data), "--out", str(out), "--no-progress"]
-    job = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+    # Output to files, and only the sbatch script waited for: it exits as soon as it has requeued
+    # (Slurm then ends the step); torchrun's own teardown of the blocked worker may take its 30 s.
+    with open(tmp_path / "job.out", "w") as so, open(tmp_path / "job.err", "w") as se:
+        job = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=so, stderr=se, text=True)
     deadline = time.time() + 120
     while not (out / "shard-000001.tar").exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)
+    step = descendants(job.pid)  # torchrun starts its worker in a session of its own
     job.send_signal(signal.SIGUSR1)
-    stdout, _ = job.communicate(timeout=60)
     try:
-        os.killpg(job.pid, signal.SIGKILL)  # whatever of the step is left
-    except ProcessLookupError:
-        pass
-    assert job.returncode == 0 and "requeueing 77" in stdout
+        job.wait(timeout=60)
+    finally:
+        for pid in [job.pid, *step]:  # whatever of the step is left, as Slurm would
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    stdout = (tmp_path / "job.out").read_text()
+    assert job.returncode == 0 and "requeueing 77" in stdout, (tmp_path / "job.err").read_text()[-3000:]
     assert log.read_text().split() == ["requeue", "77"]
     (data / "shard-000002.tar").unlink()
     os.symlink(target, data / "shard-000002.tar")
