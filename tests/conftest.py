@@ -145,3 +145,15 @@ def descendants(pid: int) -> list[int]:
         out += kids
         todo += kids
     return out
+
+
+def kill9(pids, group: bool = False) -> None:
+    """SIGKILL each of ``pids`` (or, ``group``: each one's process group); those already gone are skipped."""
+    import os
+    import signal
+
+    for pid in pids:
+        try:
+            (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,5 +1,4 @@
 """Multi-node launch logic: slurm/launch.sh on two torchrun "nodes" over 127.0.0.1 (c10d)."""
-import contextlib
 import os
 import signal
 import socket
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import ENTRY, ROOT, descendants, read_metrics, run_vtok, write_train_recipe
+from conftest import ENTRY, ROOT, descendants, kill9, read_metrics, run_vtok, write_train_recipe
 
 LAUNCH = ROOT / "slurm" / "launch.sh"
 
@@ -140,9 +139,7 @@ def test_a_node_killed_mid_run_restarts_and_resumes_losing_nothing(shards, tmp_p
     finally:
         for n in nodes:
             if n.poll() is None:
-                for pid in descendants(n.pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+                kill9(descendants(n.pid))
                 os.killpg(n.pid, signal.SIGKILL)
                 n.communicate()
     for node, (out, err) in zip(nodes, outs):

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
-from conftest import descendants
+from conftest import descendants, kill9
 from vtok.cli import main
 from vtok.data.schema import from_wds
 from vtok.data.shards import ShardSource
@@ -89,11 +89,7 @@ def test_kill_9_half_way_then_rerun_is_byte_identical(shards, tmp_path):
         time.sleep(0.05)
     time.sleep(0.3)
     workers = descendants(job.pid)  # torchrun starts each worker in a session of its own
-    for pid in [job.pid, *workers]:  # kill -9 every process group of the job: agent, then workers
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill9([job.pid, *workers], group=True)  # kill -9 every process group of the job: agent, then workers
     job.wait()
     assert len(workers) >= 2
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
@@ -218,11 +214,7 @@ def test_slurm_script_requeues_on_the_time_limit_signal_and_resumes(shards, tmp_
     try:
         job.wait(timeout=60)
     finally:
-        for pid in [job.pid, *step]:  # whatever of the step is left, as Slurm would
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill9([job.pid, *step])  # whatever of the step is left, as Slurm would
     stdout = (tmp_path / "job.out").read_text()
     assert job.returncode == 0 and "requeueing 77" in stdout, (tmp_path / "job.err").read_text()[-3000:]
     assert log.read_text().split() == ["requeue", "77"]
