@@ -38,6 +38,25 @@ def matmul_rate(device: torch.device, size: int = 1024, repeats: int = 5) -> flo
     return 2 * size ** 3 / statistics.median(times)
 
 
+def gemv_bandwidth(device: torch.device, total_mb: int = 512, repeats: int = 5) -> float:
+    """Measured bytes/s of matrix-vector products over ``total_mb`` of distinct fp32 weights (far more
+    than the caches hold): the rate at which a batch-1 decode step can stream its weights (median)."""
+    mats = [torch.randn(2048, 1024, device=device) for _ in range(max(1, total_mb // 8))]
+    x = torch.randn(1, 1024, device=device)
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for w in mats:
+            torch.nn.functional.linear(x, w)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return sum(w.numel() * w.element_size() for w in mats) / statistics.median(times)
+
+
 class Roofline:
     """A device's ceiling (measured on CPU, the bf16 peak on GPUs) and lines against it."""
 
@@ -55,6 +74,16 @@ class Roofline:
         else:
             self.peak = matmul_rate(self.device)
             self.label = f"measured fp32 1024^3 matmul rate ({self.peak / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads)"
+
+    def memory_floor(self, weight_bytes: float, reads: int) -> tuple[float, str]:
+        """Seconds to stream ``weight_bytes`` from memory ``reads`` times at the measured matrix-vector
+        rate (``gemv_bandwidth``, measured on first use): the floor of a weight-bound step such as
+        batch-1 decoding, which reads every weight once per token. Returns (seconds, description)."""
+        if not hasattr(self, "bandwidth"):
+            self.bandwidth = gemv_bandwidth(self.device)
+        seconds = weight_bytes * reads / self.bandwidth
+        return seconds, (f"{weight_bytes / 1e6:.0f} MB of weights x {reads} reads at the measured "
+                         f"{self.bandwidth / 1e9:.1f} GB/s matrix-vector rate = {seconds:.3f} s")
 
     @staticmethod
     def count(fn: Callable[[], object]) -> float:

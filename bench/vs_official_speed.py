@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--train-repeats", type=int, default=5)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: sampling, training")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time vtok's compiled decode step (generate(compile=True)) as a third column")
     args = ap.parse_args(argv)
     from tools.official_keys import checkout_module
     from vtok.models.api import Condition
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     off, ours = build_pair(checkout, args.dim, args.depth, args.heads)
     print(f"\nsampling: GPT {args.dim}w x {args.depth} layers, 256 tokens, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds x {args.repeats} calls")
-    print(f"{'batch':>5} {'cfg':>4} {'LlamaGen s':>11} {'vtok s':>8} {'speed-up':>9}")
+    print(f"{'batch':>5} {'cfg':>4} {'LlamaGen s':>11} {'vtok s':>8} {'speed-up':>9}"
+          + (f" {'compiled s':>11} {'speed-up':>9}" if args.compile else ""))
     roof, lines = Roofline(), []
     for batch in (int(b) for b in args.batches.split(",")):
         labels = torch.arange(batch) % 1000
@@ -169,18 +172,34 @@ def main(argv: list[str] | None = None) -> None:
             def vtok(seed: int) -> None:
                 ours.generate(Condition(labels=labels), guidance=cfg, generator=torch.Generator().manual_seed(seed))
 
-            times = {"official": [], "vtok": []}
+            def compiled(seed: int) -> None:  # the first call per (batch, cfg) compiles: the warm-up
+                ours.generate(Condition(labels=labels), guidance=cfg, generator=torch.Generator().manual_seed(seed),
+                              compile=True)
+
+            sides = [("official", official), ("vtok", vtok)] + ([("compiled", compiled)] if args.compile else [])
+            times = {name: [] for name, _ in sides}
             with torch.inference_mode():
-                official(0), vtok(0)  # warm-up
+                for _, fn in sides:
+                    fn(0)  # warm-up
                 for r in range(args.rounds):
-                    for name, fn in (("official", official), ("vtok", vtok)) if r % 2 == 0 else (
-                            ("vtok", vtok), ("official", official)):
+                    for name, fn in (sides if r % 2 == 0 else sides[::-1]):
                         for i in range(args.repeats):
                             t0 = time.perf_counter()
                             fn(i)
                             times[name].append(time.perf_counter() - t0)
             a, b = statistics.median(times["official"]), statistics.median(times["vtok"])
-            print(f"{batch:>5} {cfg:>4g} {a:>11.3f} {b:>8.3f} {a / b:>8.2f}x", flush=True)
+            row = f"{batch:>5} {cfg:>4g} {a:>11.3f} {b:>8.3f} {a / b:>8.2f}x"
+            if args.compile:
+                c = statistics.median(times["compiled"])
+                row += f" {c:>11.3f} {a / c:>8.2f}x"
+            print(row, flush=True)
+            if batch == 1:  # one weight read per token (the cfg rows share it): the trunk and output weights, once each
+                weights = sum(p.numel() * p.element_size() for n, p in ours.named_parameters()
+                              if not n.startswith(("cls_embed", "tok_embed")))
+                floor, how = roof.memory_floor(weights, 256)
+                lines.append(f"memory floor of batch-1 decoding: {how}; LlamaGen at {a / floor:.2f}x it (so "
+                             f"{a / floor:.2f}x is the most any sampler can gain on it), vtok at {b / floor:.2f}x"
+                             + (f", compiled at {c / floor:.2f}x" if args.compile else ""))
             with torch.inference_mode():
                 lines.append(roof.line(f"vtok sampling, batch {batch}, cfg {cfg:g}", roof.count(lambda: vtok(0)), b))
     print("\n".join(lines))

@@ -198,3 +198,29 @@ def test_generation_under_bf16_autocast_fills_a_bf16_cache():
     assert cache.k.dtype == torch.bfloat16 and cache.k.shape == (1, 2, 4, 8)
     with pytest.raises(ValueError, match="holds 4 positions"):
         cache.append(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+
+
+def test_compiled_decode_step_samples_the_eager_tokens():
+    """``generate(compile=True)`` (static KV cache + torch.compile) draws exactly the eager path's tokens
+    for a fixed seed: plain GPT, FAR head with guidance, a padded caption with a 1D prefix of tokens,
+    and under bf16 autocast."""
+    cases = [(tiny(1), C(labels=torch.tensor([0, 4])), {}),
+             (tiny(2), C(labels=torch.tensor([1, 2, 3])), {"guidance": 3.0, "top_k": 6}),
+             (tiny(condition="text", text_len=6, text_dim=8, token_shape=(12,)),
+              C(text=torch.randn(2, 6, 8), text_mask=torch.tensor([[True] * 4 + [False] * 2, [True] * 6])),
+              {"guidance": 2.0, "num_tokens": 7})]
+    for model, cond, kw in cases:
+        for seed in (0, 1):
+            eager = model.generate(cond, generator=torch.Generator().manual_seed(seed), **kw)
+            compiled = model.generate(cond, generator=torch.Generator().manual_seed(seed), compile=True, **kw)
+            assert torch.equal(eager, compiled), (model.cfg, seed)
+    model, cond, kw = cases[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model.generate(cond, generator=torch.Generator().manual_seed(5), **kw)
+        compiled = model.generate(cond, generator=torch.Generator().manual_seed(5), compile=True, **kw)
+    assert torch.equal(eager, compiled)
+    # the compiled step is the model's own: no other model's weights leak in
+    other = tiny(1)
+    torch.nn.init.normal_(other.out[0].weight, std=2.0)
+    a = other.generate(cases[0][1], generator=torch.Generator().manual_seed(0), compile=True)
+    assert torch.equal(a, other.generate(cases[0][1], generator=torch.Generator().manual_seed(0)))

@@ -229,6 +229,30 @@ class GPT(nn.Module):
             x = layer(x, mask, rope=rope, causal=True, cache=None if caches is None else caches[i])
         return x
 
+    def decode_step(self, x: torch.Tensor, index: torch.Tensor, caches: list[KVCache],
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One new position through the trunk with every shape fixed (the form torch.compile and CUDA
+        graphs want): x (B, 1, D) at position ``index`` (1,) long; ``caches`` preallocated and in
+        static mode (``cache.index is index``); keys after ``index`` are masked, as are ``valid``
+        (B, >= max_len) False ones -> (B, 1, D)."""
+        keys = caches[0].max_len
+        allowed = torch.arange(keys, device=x.device) <= index  # (max_len,)
+        mask = allowed if valid is None else valid[:, :keys] & allowed
+        mask = mask.view(-1, 1, 1, keys)
+        rope = self.rope.index_select(0, index)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, mask, rope=rope, causal=True, cache=cache)
+        return x
+
+    def compiled_decode_step(self):
+        """``decode_step`` through torch.compile (CUDA graphs on a GPU: mode "reduce-overhead"),
+        compiled once per model and reused by every ``generate(compile=True)``."""
+        fn = self.__dict__.get("_compiled_decode")
+        if fn is None:
+            mode = "reduce-overhead" if self.rope.device.type == "cuda" else None
+            fn = self.__dict__["_compiled_decode"] = torch.compile(self.decode_step, mode=mode, dynamic=False)
+        return fn
+
     def head_logits(self, h: torch.Tensor, codes: torch.Tensor, n: int | None = None,
                     last_only: bool = False, embs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Logits of the first ``n`` (default k) sub-codes: h (B, N, D), codes (B, k, N) (only
@@ -300,7 +324,7 @@ class GPT(nn.Module):
     def generate(self, cond: Condition, num_tokens: int | None = None, *, guidance: float = 1.0,
                  guidance_schedule: str = "constant", temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, compile: bool = False) -> torch.Tensor:
         """Sample codes (B, k, *grid) for ``cond`` (class ids (B,), or text (B, L, text_dim) + mask);
         with ``num_tokens`` = K < N (1D sequences only: ordered tokenizers decode any prefix) just
         the first K tokens, (B, k, K): the loop and the KV cache stop there.
@@ -310,7 +334,9 @@ class GPT(nn.Module):
         ``guidance_schedule`` ("constant", or "linear": 1 at the first token rising to ``guidance``
         at the last sampled one). With ``guidance == 1`` only the conditional rows run.
         ``use_cache=False`` recomputes the whole prefix at every step (the baseline the KV cache is
-        measured against)."""
+        measured against). ``compile=True`` runs every step after the prefill through
+        ``compiled_decode_step`` (preallocated static KV cache, torch.compile; the first call pays
+        the compilation): the same tokens as the eager path for a fixed ``generator``."""
         length = self.sample_length(num_tokens)
         b = len(cond)
         if b == 0:
@@ -330,8 +356,15 @@ class GPT(nn.Module):
         out = torch.zeros(b, k, length, dtype=torch.long, device=device)
         new = seen = prefix  # the inputs not yet seen by the trunk / everything so far
         pos = 0
+        step = self.compiled_decode_step() if compile and use_cache else None
+        index = torch.zeros(1, dtype=torch.long, device=device)
         for t in range(length):
-            if use_cache:
+            if step is not None and t:
+                if t == 1:  # after the prefill: the caches switch to fixed-shape writes at `index`
+                    for cache in caches:
+                        cache.index = index
+                h = step(new, index.fill_(pos), caches, valid)
+            elif use_cache:
                 h = self.trunk(new, start=pos, caches=caches, valid=valid)[:, -1:]
             else:
                 h = self.trunk(seen, valid=valid)[:, -1:]

@@ -14,14 +14,24 @@ from vtok.models.layers.rope import apply_rope
 class KVCache:
     """Keys and values of one attention layer for up to ``max_len`` positions, allocated on the
     first ``append`` with that call's batch, heads, head dim, dtype and device:
-    (B, heads, max_len, head_dim) each. ``append`` returns views of everything cached so far."""
+    (B, heads, max_len, head_dim) each. ``append`` returns views of everything cached so far.
+
+    Static mode (fixed shapes, for torch.compile / CUDA graphs): with ``index`` set to a (N,) long
+    tensor of positions, ``append`` writes the N new entries there and returns the whole buffers
+    (B, heads, max_len, head_dim); the caller masks the positions not yet written. The caller moves
+    ``index`` in place (``index.fill_(pos)``), so a compiled step sees the same tensor every call."""
 
     def __init__(self, max_len: int):
         self.max_len, self.length = max_len, 0
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.index is not None:
+            self.k.index_copy_(2, self.index, k)
+            self.v.index_copy_(2, self.index, v)
+            return self.k, self.v
         if self.k is None:
             self.k = k.new_zeros(*k.shape[:2], self.max_len, k.shape[3])
             self.v = v.new_zeros(*v.shape[:2], self.max_len, v.shape[3])
