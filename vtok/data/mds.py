@@ -31,7 +31,11 @@ def open_streaming(local: str, remote: str, *, batch_size: int, seed: int, shuff
     if remote.startswith("file://"):
         raise DataError(f"data.remote={remote!r}: streaming cannot read file:// remotes; "
                         "point data.train_shards at the local directory instead")
-    return StreamingDataset(local=local, remote=remote or None, batch_size=batch_size,
+    # A local dataset has nothing to download: its prepare / ready threads may run to the epoch's end
+    # at once and exit, instead of polling every 7 ms 8 batches ahead and taking the GIL from the
+    # decoding thread (measured: 0.35 ms of wall time per sample in-process, 11% more worker CPU).
+    predownload = None if remote else 1 << 40
+    return StreamingDataset(local=local, remote=remote or None, batch_size=batch_size, predownload=predownload,
                             shuffle=shuffle, shuffle_seed=seed % (2**31), allow_unsafe_types=False)
 
 

@@ -10,6 +10,7 @@ batch is used (the trainer does it on the device). Other fields pass through as 
 from __future__ import annotations
 
 import io
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -177,11 +178,29 @@ def _codes(values: list[torch.Tensor]) -> torch.Tensor:
     return batch.float() if batch.is_floating_point() else batch.long()
 
 
-def _images(values: list[torch.Tensor]) -> torch.Tensor:
-    """(H, W, 3) uint8 each -> (B, 3, H, W) uint8, stored channels-last (NHWC): the loader's image
-    batch. Normalising waits for ``images_to_float`` (bench/data_loader.py: a float32 batch made in
-    the workers cost the loader a third of its rate in inter-process copies)."""
-    return torch.stack(values).permute(0, 3, 1, 2)
+def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor for a batch; inside a DataLoader worker it is allocated in shared memory, so
+    sending the batch to the main process moves a file descriptor instead of copying the bytes
+    (what torch's default collate does too)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def _images(values: list[torch.Tensor], channels_last: bool = False) -> torch.Tensor:
+    """(H, W, 3) uint8 each -> (B, 3, H, W) uint8: the loader's image batch, contiguous, or stored
+    NHWC (``channels_last``), written once into ``batch_buffer``. Normalising waits for
+    ``images_to_float`` (bench/data_loader.py: a float32 batch made in the workers cost the loader a
+    third of its rate in inter-process copies)."""
+    b, (h, w, c) = len(values), values[0].shape
+    if channels_last:
+        return torch.stack(values, out=batch_buffer((b, h, w, c), torch.uint8)).permute(0, 3, 1, 2)
+    out = batch_buffer((b, c, h, w), torch.uint8)
+    for i, v in enumerate(values):
+        out[i].copy_(v.permute(2, 0, 1))
+    return out
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
@@ -215,7 +234,5 @@ COLLATE: dict[str, Callable[[list], Any]] = {
 
 def collate(samples: list[dict[str, Any]], channels_last: bool = False) -> dict[str, Any]:
     """List of decoded samples -> batch dict, one collate rule per schema field."""
-    batch = {name: COLLATE[name]([s[name] for s in samples]) for name in samples[0]}
-    if "image" in batch and not channels_last:
-        batch["image"] = batch["image"].contiguous()
-    return batch
+    return {name: (_images([s[name] for s in samples], channels_last) if name == "image"
+                   else COLLATE[name]([s[name] for s in samples])) for name in samples[0]}
