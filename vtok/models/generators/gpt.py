@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -244,14 +244,15 @@ class GPT(nn.Module):
             x = layer(x, mask, rope=rope, causal=True, cache=cache)
         return x
 
-    def compiled_decode_step(self):
-        """``decode_step`` through torch.compile (CUDA graphs on a GPU: mode "reduce-overhead"),
-        compiled once per model and reused by every ``generate(compile=True)``."""
-        fn = self.__dict__.get("_compiled_decode")
-        if fn is None:
-            mode = "reduce-overhead" if self.rope.device.type == "cuda" else None
-            fn = self.__dict__["_compiled_decode"] = torch.compile(self.decode_step, mode=mode, dynamic=False)
-        return fn
+    def compiled_decode_step(self) -> Callable[..., torch.Tensor]:
+        """``decode_step`` through torch.compile (CUDA graphs on a GPU: mode "reduce-overhead"), as
+        ``step(x, index, caches, valid)``. One compiled function per mode for every model (the module
+        is an argument, so nothing compiled is stored on it: copies and pickles stay plain); a new
+        batch size, dtype or model compiles once more."""
+        mode = "reduce-overhead" if self.rope.device.type == "cuda" else "default"
+        if mode not in _COMPILED_DECODE:
+            _COMPILED_DECODE[mode] = torch.compile(GPT.decode_step, mode=mode, dynamic=False)
+        return functools.partial(_COMPILED_DECODE[mode], self)
 
     def head_logits(self, h: torch.Tensor, codes: torch.Tensor, n: int | None = None,
                     last_only: bool = False, embs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -334,7 +335,7 @@ class GPT(nn.Module):
         ``guidance_schedule`` ("constant", or "linear": 1 at the first token rising to ``guidance``
         at the last sampled one). With ``guidance == 1`` only the conditional rows run.
         ``use_cache=False`` recomputes the whole prefix at every step (the baseline the KV cache is
-        measured against). ``compile=True`` runs every step after the prefill through
+        measured against). ``compile=True`` (with the cache) runs every step after the prefill through
         ``compiled_decode_step`` (preallocated static KV cache, torch.compile; the first call pays
         the compilation): the same tokens as the eager path for a fixed ``generator``."""
         length = self.sample_length(num_tokens)
@@ -387,6 +388,9 @@ class GPT(nn.Module):
         if length < self.seq_len:
             return out.view(b, k, *self.cfg.token_shape[:-1], length)
         return out.view(b, k, *self.cfg.token_shape)
+
+
+_COMPILED_DECODE: dict[str, Callable[..., torch.Tensor]] = {}  # torch.compile mode -> GPT.decode_step compiled
 
 
 def _with_tokens(prefix_mask: torch.Tensor, tokens: int) -> torch.Tensor:
