@@ -66,7 +66,7 @@ class SampleOptions:
     decode_apg: bool = field(default=False, metadata={
         "help": "FlexTok decoder: adaptive projected guidance (README: on)"})
     compile: bool = field(default=False, metadata={
-        "help": "GPT: torch.compile the decode step (static KV cache; CUDA graphs on a GPU): the same "
+        "help": "GPT: torch.compile the decode step (static KV cache): the same "
                 "tokens, faster per token at batch 1-2; each new batch size compiles once (seconds)"})
 
 

@@ -245,14 +245,12 @@ class GPT(nn.Module):
         return x
 
     def compiled_decode_step(self) -> Callable[..., torch.Tensor]:
-        """``decode_step`` through torch.compile (CUDA graphs on a GPU: mode "reduce-overhead"), as
-        ``step(x, index, caches, valid)``. One compiled function per mode for every model (the module
-        is an argument, so nothing compiled is stored on it: copies and pickles stay plain); a new
-        batch size, dtype or model compiles once more."""
-        mode = "reduce-overhead" if self.rope.device.type == "cuda" else "default"
-        if mode not in _COMPILED_DECODE:
-            _COMPILED_DECODE[mode] = torch.compile(GPT.decode_step, mode=mode, dynamic=False)
-        return functools.partial(_COMPILED_DECODE[mode], self)
+        """``decode_step`` through torch.compile, as ``step(x, index, caches, valid)``. One compiled
+        function for every model (the module is an argument, so nothing compiled is stored on it:
+        copies and pickles stay plain); a new batch size, dtype or model compiles once more.
+        Not CUDA graphs ("reduce-overhead"): the caches are fresh tensors each call, mutated in
+        place, and cudagraph trees skip graphs that mutate such inputs."""
+        return functools.partial(_compiled_decode_step(), self)
 
     def head_logits(self, h: torch.Tensor, codes: torch.Tensor, n: int | None = None,
                     last_only: bool = False, embs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -390,7 +388,10 @@ class GPT(nn.Module):
         return out.view(b, k, *self.cfg.token_shape)
 
 
-_COMPILED_DECODE: dict[str, Callable[..., torch.Tensor]] = {}  # torch.compile mode -> GPT.decode_step compiled
+@functools.cache
+def _compiled_decode_step() -> Callable[..., torch.Tensor]:
+    """GPT.decode_step through torch.compile, made once per process (on first use)."""
+    return torch.compile(GPT.decode_step, dynamic=False)
 
 
 def _with_tokens(prefix_mask: torch.Tensor, tokens: int) -> torch.Tensor:

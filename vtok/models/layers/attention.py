@@ -16,7 +16,7 @@ class KVCache:
     first ``append`` with that call's batch, heads, head dim, dtype and device:
     (B, heads, max_len, head_dim) each. ``append`` returns views of everything cached so far.
 
-    Static mode (fixed shapes, for torch.compile / CUDA graphs): with ``index`` set to a (N,) long
+    Static mode (fixed shapes, for torch.compile): with ``index`` set to a (N,) long
     tensor of positions, ``append`` writes the N new entries there and returns the whole buffers
     (B, heads, max_len, head_dim); the caller masks the positions not yet written. The caller moves
     ``index`` in place (``index.fill_(pos)``), so a compiled step sees the same tensor every call."""
