@@ -231,8 +231,8 @@ class GPT(nn.Module):
 
     def decode_step(self, x: torch.Tensor, index: torch.Tensor, caches: list[KVCache],
                     valid: torch.Tensor | None = None) -> torch.Tensor:
-        """One new position through the trunk with every shape fixed (the form torch.compile and CUDA
-        graphs want): x (B, 1, D) at position ``index`` (1,) long; ``caches`` preallocated and in
+        """One new position through the trunk with every shape fixed (the form torch.compile wants, so
+        one compiled graph serves every position): x (B, 1, D) at position ``index`` (1,) long; ``caches`` preallocated and in
         static mode (``cache.index is index``); keys after ``index`` are masked, as are ``valid``
         (B, >= max_len) False ones -> (B, 1, D)."""
         keys = caches[0].max_len
