@@ -285,7 +285,9 @@ def test_image_batches_are_written_once_into_shared_memory_in_workers():
     main process it allocates ordinary memory."""
     from vtok.data.transforms import collate
 
-    for item in torch.utils.data.DataLoader(_CollateInWorker(), batch_size=None, num_workers=1):
+    items = list(torch.utils.data.DataLoader(_CollateInWorker(), batch_size=None, num_workers=1))
+    assert [item["channels_last"] for item in items] == [False, True]
+    for item in items:
         assert item["shared"] and torch.equal(item["image"], item["expected"])
         assert item["nhwc"] if item["channels_last"] else item["nchw"]
     local = collate([{"image": torch.zeros(4, 4, 3, dtype=torch.uint8)}])["image"]
