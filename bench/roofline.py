@@ -21,21 +21,27 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def median_seconds(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of ``steps`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised):
+    the one timing loop of the benches."""
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def matmul_rate(device: torch.device, size: int = 1024, repeats: int = 5) -> float:
     """Measured fp32 FLOP/s of a (size x size) @ (size x size) matmul on ``device`` (median)."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return 2 * size ** 3 / statistics.median(times)
+    return 2 * size ** 3 / median_seconds(lambda: a @ b, repeats, 1, device)
 
 
 def gemv_bandwidth(device: torch.device, total_mb: int = 512, repeats: int = 5) -> float:
@@ -43,18 +49,11 @@ def gemv_bandwidth(device: torch.device, total_mb: int = 512, repeats: int = 5) 
     than the caches hold): the rate at which a batch-1 decode step can stream its weights (median)."""
     mats = [torch.randn(2048, 1024, device=device) for _ in range(max(1, total_mb // 8))]
     x = torch.randn(1, 1024, device=device)
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def sweep() -> None:
         for w in mats:
             torch.nn.functional.linear(x, w)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return sum(w.numel() * w.element_size() for w in mats) / statistics.median(times)
+    return sum(w.numel() * w.element_size() for w in mats) / median_seconds(sweep, repeats, 1, device)
 
 
 class Roofline:

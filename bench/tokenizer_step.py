@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
-from roofline import Roofline  # same directory
+from roofline import Roofline, median_seconds  # same directory
 import torch.nn.functional as F
 
 from vtok.models.quant import L2VectorQuantizer
@@ -34,17 +32,7 @@ def peak_mb(device: torch.device) -> float:
 
 
 def median_ms(fn, steps: int, warmup: int, device: torch.device) -> float:
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * median_seconds(fn, steps, warmup, device)
 
 
 def run_variant(args) -> dict:

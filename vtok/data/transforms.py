@@ -10,7 +10,6 @@ batch is used (the trainer does it on the device). Other fields pass through as 
 from __future__ import annotations
 
 import io
-import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from vtok.config.schema import DataConfig
 
@@ -178,28 +178,15 @@ def _codes(values: list[torch.Tensor]) -> torch.Tensor:
     return batch.float() if batch.is_floating_point() else batch.long()
 
 
-def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor for a batch; inside a DataLoader worker it is allocated in shared memory, so
-    sending the batch to the main process moves a file descriptor instead of copying the bytes
-    (what torch's default collate does too)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-
 def _images(values: list[torch.Tensor], channels_last: bool = False) -> torch.Tensor:
     """(H, W, 3) uint8 each -> (B, 3, H, W) uint8: the loader's image batch, contiguous, or stored
-    NHWC (``channels_last``), written once into ``batch_buffer``. Normalising waits for
-    ``images_to_float`` (bench/data_loader.py: a float32 batch made in the workers cost the loader a
-    third of its rate in inter-process copies)."""
-    b, (h, w, c) = len(values), values[0].shape
+    NHWC (``channels_last``). Written once, by torch's ``default_collate``, which inside a DataLoader
+    worker stacks into shared memory, so sending the batch moves a file descriptor, not the bytes.
+    Normalising waits for ``images_to_float`` (bench/data_loader.py: a float32 batch made in the
+    workers cost the loader a third of its rate in inter-process copies)."""
     if channels_last:
-        return torch.stack(values, out=batch_buffer((b, h, w, c), torch.uint8)).permute(0, 3, 1, 2)
-    out = batch_buffer((b, c, h, w), torch.uint8)
-    for i, v in enumerate(values):
-        out[i].copy_(v.permute(2, 0, 1))
-    return out
+        return default_collate(values).permute(0, 3, 1, 2)
+    return default_collate([v.permute(2, 0, 1) for v in values])  # one transposing copy per image
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:

@@ -232,9 +232,9 @@ class GPT(nn.Module):
     def decode_step(self, x: torch.Tensor, index: torch.Tensor, caches: list[KVCache],
                     valid: torch.Tensor | None = None) -> torch.Tensor:
         """One new position through the trunk with every shape fixed (the form torch.compile wants, so
-        one compiled graph serves every position): x (B, 1, D) at position ``index`` (1,) long; ``caches`` preallocated and in
-        static mode (``cache.index is index``); keys after ``index`` are masked, as are ``valid``
-        (B, >= max_len) False ones -> (B, 1, D)."""
+        one compiled graph serves every position): x (B, 1, D) at position ``index`` (1,) long;
+        ``caches`` preallocated and in static mode (``cache.index is index``); keys after ``index`` are
+        masked, as are ``valid`` (B, >= max_len) False ones -> (B, 1, D)."""
         keys = caches[0].max_len
         allowed = torch.arange(keys, device=x.device) <= index  # (max_len,)
         mask = allowed if valid is None else valid[:, :keys] & allowed
@@ -356,10 +356,10 @@ class GPT(nn.Module):
         new = seen = prefix  # the inputs not yet seen by the trunk / everything so far
         pos = 0
         step = self.compiled_decode_step() if compile and use_cache else None
-        index = torch.zeros(1, dtype=torch.long, device=device)
         for t in range(length):
             if step is not None and t:
                 if t == 1:  # after the prefill: the caches switch to fixed-shape writes at `index`
+                    index = torch.zeros(1, dtype=torch.long, device=device)
                     for cache in caches:
                         cache.index = index
                 h = step(new, index.fill_(pos), caches, valid)
